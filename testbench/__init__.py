@@ -1,0 +1,1 @@
+"""testbench: QEMU testbench for 32-bit ARM kexec placement."""

@@ -1,0 +1,82 @@
+"""Machine profiles, loaded from machines.toml. Everything machine-specific lives in that data file."""
+
+import tomllib
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+
+from .errors import UserError
+from .sizes import format_size, parse_size
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    qemu_machine: str
+    cpu: str
+    ram_base: int
+    max_ram: int
+    default_ram: int
+    console: str
+    dtb: str  # "qemu" when QEMU generates it, else a DTB file name from the kernel package
+    smp: int = 1
+    qemu_args: tuple[str, ...] = ()
+    stage1_cmdline: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    @property
+    def qemu_generates_dtb(self) -> bool:
+        return self.dtb == "qemu"
+
+    def check_ram(self, ram: int) -> None:
+        if ram > self.max_ram:
+            raise UserError(
+                f"{self.name}: RAM {format_size(ram)} is above this machine's maximum of {format_size(self.max_ram)}"
+            )
+        if ram < 128 << 20:
+            raise UserError(f"{self.name}: RAM {format_size(ram)} is too small to boot; use at least 128M")
+
+
+def _resolve(raw: dict[str, dict], name: str, seen: tuple[str, ...] = ()) -> dict:
+    if name in seen:
+        raise ValueError(f"machines.toml: inheritance loop through {name}")
+    entry = dict(raw[name])
+    parent = entry.pop("inherits", None)
+    if parent is None:
+        return entry
+    merged = _resolve(raw, parent, (*seen, name))
+    merged.pop("abstract", None)
+    merged.update(entry)
+    return merged
+
+
+@cache
+def all_machines() -> dict[str, Machine]:
+    raw = tomllib.loads(resources.files("testbench").joinpath("machines.toml").read_text())
+    machines = {}
+    for name in raw:
+        entry = _resolve(raw, name)
+        if entry.pop("abstract", False):
+            continue
+        machines[name] = Machine(
+            name=name,
+            qemu_machine=entry["qemu_machine"],
+            cpu=entry["cpu"],
+            ram_base=int(entry["ram_base"]),
+            max_ram=parse_size(entry["max_ram"]),
+            default_ram=parse_size(entry["default_ram"]),
+            console=entry["console"],
+            dtb=entry["dtb"],
+            smp=int(entry.get("smp", 1)),
+            qemu_args=tuple(entry.get("qemu_args", ())),
+            stage1_cmdline=tuple(entry.get("stage1_cmdline", ())),
+            env=tuple(sorted(entry.get("env", {}).items())),
+        )
+    return machines
+
+
+def get_machine(name: str) -> Machine:
+    machines = all_machines()
+    if name not in machines:
+        raise UserError(f"unknown machine {name!r}; known machines: {', '.join(machines)}")
+    return machines[name]
