@@ -1,0 +1,165 @@
+"""Where kexec-tools puts the zImage, initrd and DTB, version by version (DOMAIN.md section 3).
+
+Four rule families:
+  "<=2.0.12"       initrd at base + ALIGN(4 * file length) (or --image-size), whole file loaded
+  "2.0.13-2.0.15"  initrd at kernel_base + ALIGN(5 * Z) (or --image-size), Z = header size
+  "2.0.16"         first tag reader: I + B_k
+  ">=2.0.17"       max(I + B_k, I + Z + 0x11000), --image-size only ever raises it
+
+`locate_hole` is kexec's first-fit search: the lowest page-aligned address >= min in a System RAM range,
+skipping segments already added. The kernel segment is added last, so the initrd and DTB searches only
+see each other.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+PAGE = 0x1000
+EXTRA = 0x8000  # kexec-tools' hard-coded TEXT_OFFSET ("extra_size")
+DECOMP_EXTRA = 0x11000  # 2.0.17+: 4 KiB stack + 64 KiB malloc for the decompressor
+ULONG_MAX = 0xFFFFFFFF
+FAMILIES = ("<=2.0.12", "2.0.13-2.0.15", "2.0.16", ">=2.0.17")
+
+Ranges = Sequence[tuple[int, int]]
+
+
+class PlacementError(UserError):
+    """kexec-tools itself would refuse this load."""
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    family: str
+    base: int
+    kernel_base: int  # L, where the zImage lands; also the entry point
+    kernel_memsz: int  # page-aligned kernel segment size
+    image_size: int  # the size kexec reserves for the kernel ("Kernel: size=")
+    initrd: tuple[int, int] | None  # (address, size)
+    dtb: tuple[int, int] | None
+
+
+def align_up(x: int, a: int) -> int:
+    return (x + a - 1) & -a
+
+
+def align_down(x: int, a: int) -> int:
+    return x & -a
+
+
+def version_family(version: str) -> str:
+    """'2.0.25', 'v2.0.18', '1:2.0.25-3+b1' or a family name -> one of FAMILIES."""
+    v = version.strip()
+    if v in FAMILIES:
+        return v
+    m = re.search(r"(\d+)\.(\d+)\.(\d+)", v)
+    if m is None:
+        raise PlacementError(f"cannot read kexec-tools version {version!r} (expected e.g. 2.0.25)")
+    t = tuple(int(x) for x in m.groups())
+    if t <= (2, 0, 12):
+        return "<=2.0.12"
+    if t <= (2, 0, 15):
+        return "2.0.13-2.0.15"
+    if t == (2, 0, 16):
+        return "2.0.16"
+    return ">=2.0.17"
+
+
+def locate_hole(ram: Ranges, used: Ranges, size: int, min_addr: int, align: int = PAGE,
+                max_addr: int = ULONG_MAX) -> int | None:
+    """Lowest `align`-aligned start >= min_addr of `size` free bytes; None when there is none."""
+    for start, end in ram:
+        pieces = [(start, end)]
+        for us, ue in used:
+            nxt = []
+            for s, e in pieces:
+                if ue <= s or us >= e:
+                    nxt.append((s, e))
+                    continue
+                if s < us:
+                    nxt.append((s, us))
+                if ue < e:
+                    nxt.append((ue, e))
+            pieces = nxt
+        for s, e in pieces:
+            s = align_up(max(s, min_addr), align)
+            e = min(e, max_addr + 1)
+            if e > s and e - s >= size:
+                return s
+    return None
+
+
+def _hole(ram: Ranges, used: Ranges, size: int, min_addr: int, what: str) -> int:
+    at = locate_hole(ram, used, size, min_addr)
+    if at is None:
+        raise PlacementError(f"kexec: could not find a free area of memory of {size:#x} bytes for the {what} "
+                             f"above {min_addr:#x}")
+    return at
+
+
+def place(ram: Ranges, family: str, zimage_size: int, file_size: int, inflated: int | None,
+          kernel_bss: int | None, image_size: int | None, initrd_size: int | None,
+          dtb_size: int | None) -> Placement:
+    """Reproduce kexec-tools' arithmetic. `family` is one of FAMILIES; sizes of None mean 'not given'."""
+    ram = sorted(ram)
+    if family == "<=2.0.12":
+        length = file_size  # no header clamp before 8d61400
+        memsz = align_up(length, PAGE)
+    else:
+        length = min(file_size, zimage_size)
+        memsz = align_up(length + 4, PAGE)  # f11d833: the word after _edata must read as zero
+    if family == ">=2.0.17":
+        length += DECOMP_EXTRA
+    base = _hole(ram, (), length + EXTRA, 0, "kernel")
+    kbase = base + EXTRA
+    has_tag = inflated is not None and kernel_bss is not None
+    if family == ">=2.0.17":
+        if has_tag:
+            ksize = max(inflated + kernel_bss, inflated + length)  # type: ignore[operator]
+            size = image_size if image_size and image_size >= ksize else ksize
+        else:
+            size = image_size or length * 5
+    elif family == "2.0.16":
+        size = image_size or (inflated + kernel_bss if has_tag else length * 5)  # type: ignore[operator]
+    elif family == "2.0.13-2.0.15":
+        size = image_size or length * 5
+    else:
+        size = image_size or length * 4
+    initrd = dtb = None
+    initrd_len = initrd_size or 0
+    if family in ("<=2.0.12", "2.0.13-2.0.15"):
+        # Before 34bf700 the initrd and DTB were placed as one hole, the DTB a page after the initrd.
+        initrd_base = (base if family == "<=2.0.12" else kbase) + align_up(size, PAGE)
+        if dtb_size is not None:
+            hole = align_up(initrd_len, PAGE) + align_up(dtb_size + PAGE, PAGE)
+            initrd_base = _hole(ram, (), hole, initrd_base, "initrd and DTB")
+            dtb = (align_down(initrd_base + initrd_len + PAGE, PAGE), dtb_size)
+        elif initrd_len:
+            initrd_base = _hole(ram, (), initrd_len, initrd_base, "initrd")
+        if initrd_len:
+            initrd = (initrd_base, initrd_len)
+    else:
+        initrd_base = kbase + align_up(size, PAGE)
+        used: list[tuple[int, int]] = []
+        if initrd_len:
+            initrd_base = _hole(ram, (), initrd_len, initrd_base, "initrd")
+            initrd = (initrd_base, initrd_len)
+            used.append((initrd_base, initrd_base + align_up(initrd_len, PAGE)))
+        if dtb_size is not None:
+            dmin = align_down(initrd_base + initrd_len + PAGE, PAGE)
+            dtb = (_hole(ram, used, dtb_size, dmin, "DTB"), dtb_size)
+    segs = [("kernel", kbase, kbase + memsz)]
+    if initrd:
+        segs.append(("initrd", initrd[0], initrd[0] + align_up(initrd[1], PAGE)))
+    if dtb:
+        segs.append(("DTB", dtb[0], dtb[0] + align_up(dtb[1], PAGE)))
+    segs.sort(key=lambda s: s[1])
+    for (na, _, ea), (nb, sb, _) in zip(segs, segs[1:], strict=False):
+        if sb < ea:
+            raise PlacementError(f"kexec would refuse the load: the {na} and {nb} segments overlap "
+                                 f"(--image-size {size:#x} is smaller than the kernel)")
+    return Placement(family, base, kbase, memsz, size, initrd, dtb)
