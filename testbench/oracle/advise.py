@@ -53,8 +53,8 @@ def advise(zimage: ZImage, ram_ranges: Sequence[tuple[int, int]], kexec_version:
     pl = default.placement
     assert pl is not None
     if zimage.inflated_size is None:
-        raise AdviceError("the zImage has no KLSZ tag (kernel older than v4.15): its inflated size is unknown, "
-                          "so no --image-size can be derived from it")
+        raise AdviceError("the zImage has no KLSZ tag (kernel older than v4.15): its inflated size is "
+                          "unknown, so no --image-size can be derived from it")
     if _strict_safe(default):
         return Advice(False, None, None, default, default, (
             f"kexec {pl.family} reserves {pl.image_size:#x} bytes from {pl.kernel_base:#x}; nothing the "

@@ -23,7 +23,8 @@ def _appended_dtb8(zi: ZImage | None, family: str) -> tuple[int, list[str]]:
         return 0, []
     if family == "<=2.0.12":
         # the whole file is loaded, DTB included, so the decompressor finds and uses it
-        return (zi.appended_dtb_size + 7) & ~7, ["appended DTB loaded with the zImage (kexec-tools <= 2.0.12)"]
+        note = "appended DTB loaded with the zImage (kexec-tools <= 2.0.12)"
+        return (zi.appended_dtb_size + 7) & ~7, [note]
     note = "zImage has an appended DTB; kexec-tools >= 2.0.13 cuts it off"
     if family == ">=2.0.17":
         note += (" (but 2.0.17-2.0.21 copy its 4-byte magic, so the decompressor may take garbage for a DTB;"
@@ -107,7 +108,8 @@ def analyze(log: KexecLog, zimage: ZImage | None = None, text_offset: int | None
         notes.append("no MEMORY RANGES in the log: writes outside RAM are not checked")
     load = log.kernel.address if log.kernel else log.entry
     if load is None:
-        raise AnalyzeError("the log shows neither a 'Kernel:' line nor an entry address: cannot place the zImage")
+        raise AnalyzeError("the log shows neither a 'Kernel:' line nor an entry address: "
+                           "cannot place the zImage")
     family = version_family(kexec_version) if kexec_version else (
         version_family(log.kexec_version) if log.kexec_version else log.format)
     if family not in FAMILIES:
@@ -137,7 +139,8 @@ def analyze(log: KexecLog, zimage: ZImage | None = None, text_offset: int | None
     if log.decompressor_copy is not None:
         c = log.decompressor_copy
         copy = (c.src_start, c.dst_start, c.dst_end)
-        notes.append(f"relocation taken from the decompressor's C: line: {c.src_start:#x} -> {c.dst_start:#x}")
+        notes.append(f"relocation taken from the decompressor's C: line: {c.src_start:#x} -> "
+                     f"{c.dst_start:#x}")
         if fields.get("text_offset") is None and inflated is not None:
             to = _infer_text_offset(copy, load, inflated, ram)
             if to is not None:

@@ -124,7 +124,9 @@ def _dimensions(k: Knowns) -> tuple[dict[str, tuple[int, ...]], list[str]]:
 def _decomp(k: Knowns, restart: int, pad: int, bss: int) -> Decomp:
     bss_start = k.bss_start if k.bss_start is not None else k.z
     bss_end = bss_start + bss
-    stack_end = k.stack_end if k.stack_end is not None and k.bss_end is not None else ((bss_end + 7) & ~7) + 4096
+    stack_end = k.stack_end
+    if stack_end is None or k.bss_end is None:
+        stack_end = ((bss_end + 7) & ~7) + 4096  # head.S: 4 KiB .stack at ALIGN(8) after _end
     return Decomp(k.z, restart, pad, bss_start, bss_end, stack_end, k.malloc_size or MALLOC_SIZE, k.dtb8)
 
 
@@ -140,7 +142,8 @@ def _payloads(k: Knowns) -> list[tuple[str, int, int]]:
 def scenario(k: Knowns, to: int, restart: int, pad: int, bss: int) -> tuple[list, list[Collision]]:
     """One concrete combination: written regions and collisions."""
     kaddr = kernel_address(k.load, to, k.ram)
-    written = footprint(k.load, kaddr, k.inflated or 0, k.kernel_bss or 0, _decomp(k, restart, pad, bss), k.copy)
+    d = _decomp(k, restart, pad, bss)
+    written = footprint(k.load, kaddr, k.inflated or 0, k.kernel_bss or 0, d, k.copy)
     return written, find_collisions(written, _payloads(k), k.ram)
 
 
@@ -174,7 +177,8 @@ def evaluate(k: Knowns, placement: Placement | None = None) -> Prediction:
     if verdict == "unknown":
         bad_combo = {c: o == "fatal" for c, o in outcome.items()}
         for i, name in enumerate(names):
-            flips = any(bad_combo[c] != bad_combo[c[:i] + (v,) + c[i + 1:]] for c in outcome for v in dims[name])
+            flips = any(bad_combo[c] != bad_combo[c[:i] + (v,) + c[i + 1:]]
+                        for c in outcome for v in dims[name])
             if not flips:
                 continue
             good = [v for v in dims[name] if not any(b for c, b in bad_combo.items() if c[i] == v)]
