@@ -22,6 +22,7 @@ class Machine:
     smp: int = 1
     qemu_args: tuple[str, ...] = ()
     stage1_cmdline: tuple[str, ...] = ()
+    stage2_cmdline: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
     @property
@@ -70,6 +71,7 @@ def all_machines() -> dict[str, Machine]:
             smp=int(entry.get("smp", 1)),
             qemu_args=tuple(entry.get("qemu_args", ())),
             stage1_cmdline=tuple(entry.get("stage1_cmdline", ())),
+            stage2_cmdline=tuple(entry.get("stage2_cmdline", ())),
             env=tuple(sorted(entry.get("env", {}).items())),
         )
     return machines

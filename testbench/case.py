@@ -1,0 +1,267 @@
+"""One test case, end to end: stage-1 boot, kexec -l, kexec -e, stage 2, verdict, artifacts.
+
+`prepare_case()` checks every input and writes nothing outside the case dir; `run_case()` drives QEMU and
+always returns a CaseResult (a bench failure becomes verdict `error`), with QEMU dead by the time it returns.
+"""
+
+import os
+import shlex
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from . import kexeclog
+from .console import ConsoleClosed, ConsoleTimeout, timeout_factor
+from .errors import BenchError, UserError
+from .guest import Shell
+from .images import Images
+from .initramfs import build_stage2_initrd, stage1_initramfs
+from .inputs import (Input, Loader, check_dtb, check_kexec, check_zimage, describe, existing_file,
+                     loader_bundle)
+from .machines import Machine
+from .qemu import SHARE_TAG, QemuProcess, QemuSpec, qemu_args, qemu_version
+from .report.artifacts import write_case_artifacts
+from .verdict import STAGE2_MARKER, Verdict, judge_stage2, parse_stage2
+
+GUEST_SHARE = "/mnt"
+# Per-phase deadlines in seconds, before TESTBENCH_TIMEOUT_FACTOR. Measured on 2 TCG cores: stage 1 boots
+# in ~5 s, kexec -l of a 32 MB initrd over 9p takes ~4 s, a stage-2 boot ~7 s plus ~0.1 s per MiB of payload.
+# From "Bye!" to the new kernel's first earlycon line takes ~3 s (handoff + XZ decompression), so 10 s of
+# silence there is a hang.
+TIMEOUTS = {"boot1": 90.0, "command": 30.0, "load_base": 30.0, "load_per_mib": 0.3,
+            "stage2_base": 90.0, "stage2_per_mib": 0.6, "silence": 10.0}
+
+
+@dataclass(frozen=True)
+class CaseRequest:
+    machine: Machine
+    ram: int
+    out: Path
+    kernel: Path | None = None  # None: Debian's kernel from the image cache
+    initrd: Path | None = None  # None: a generated stage-2 initrd with a payload of initrd_size bytes
+    initrd_size: int = 1 << 20
+    seed: int = 1
+    dtb: Path | None = None  # None: the DTB the first kernel booted with (/sys/firmware/fdt)
+    kexec: Path | None = None  # None: Debian's kexec-tools
+    kexec_args: tuple[str, ...] = ()
+    gdb: bool = False  # a user's debugger will attach: no deadlines
+
+    @property
+    def stage2_cmdline(self) -> str:
+        return " ".join([f"console={self.machine.console}", *self.machine.stage2_cmdline, "panic=-1"])
+
+
+@dataclass(frozen=True)
+class PreparedCase:
+    request: CaseRequest
+    share: Path
+    stage1: QemuSpec
+    loader: Loader
+    inputs: dict[str, Input]
+    payload_sha256: str | None
+    kexec_command: str
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    request: CaseRequest
+    verdict: Verdict
+    timings: dict[str, float]
+    inputs: dict[str, Input] = field(default_factory=dict)
+    load: dict | None = None
+    stage2: dict | None = None
+    kexec_rc: int | None = None
+    qemu_version: str | None = None
+
+    def to_dict(self) -> dict:
+        m = self.request.machine
+        return {
+            **self.verdict.to_dict(),
+            "machine": m.name,
+            "ram": {"base": m.ram_base, "size": self.request.ram},
+            "kexec_args": list(self.request.kexec_args),
+            "load": self.load,
+            "stage2": self.stage2,
+            "inputs": {role: i.to_dict() for role, i in self.inputs.items()},
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "kexec_rc": self.kexec_rc,
+            "qemu_version": self.qemu_version,
+        }
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
+    m = request.machine
+    m.check_ram(request.ram)
+    kernel = check_zimage(request.kernel or images.zimage)
+    loader = check_kexec(request.kexec) if request.kexec else Loader(images.kexec, True, None)
+    if request.initrd is not None:
+        initrd_bytes = existing_file(request.initrd, "initrd").stat().st_size
+    else:
+        initrd_bytes = request.initrd_size
+    if initrd_bytes >= request.ram:
+        raise UserError(f"initrd of {initrd_bytes} bytes does not fit in {request.ram >> 20} MiB of RAM")
+    dtb = check_dtb(request.dtb) if request.dtb else None
+
+    out = request.out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"output dir {out}: cannot write ({err.strerror})") from None
+    share = out / "share"
+    shutil.rmtree(share, ignore_errors=True)
+    (share / "loader").mkdir(parents=True)
+    _link_or_copy(kernel, share / "zImage")
+    inputs = {"kernel": describe("kernel", kernel, _version_of(images, kernel, images.kernel_package))}
+    payload_sha = None
+    if request.initrd is not None:
+        _link_or_copy(request.initrd, share / "initrd.img")
+        inputs["initrd"] = describe("initrd", request.initrd)
+    else:
+        built = build_stage2_initrd(images, share / "initrd.img", request.initrd_size, request.seed)
+        payload_sha = built.payload_sha256
+        inputs["initrd"] = replace(describe("initrd", built.path),
+                                   version=f"stage2 payload {built.payload_size} bytes, seed {built.seed}")
+    if dtb is not None:
+        _link_or_copy(dtb, share / "board.dtb")
+        inputs["dtb"] = describe("dtb", dtb)
+    bundle = loader_bundle(images)
+    for lib in (bundle / "lib").iterdir():
+        (share / "loader" / "lib").mkdir(exist_ok=True)
+        _link_or_copy(lib, share / "loader" / "lib" / lib.name)
+    _link_or_copy(loader.binary, share / "loader" / "kexec")
+    kexec_version = images.package("kexec-tools").version if request.kexec is None else None
+    inputs["kexec"] = describe("kexec", loader.binary, kexec_version)
+
+    stage1_initrd = stage1_initramfs(images)
+    board_dtb = None if m.qemu_generates_dtb else images.dtb_dir / m.dtb
+    if board_dtb is not None and not board_dtb.exists():
+        raise BenchError(f"{m.name}: DTB {board_dtb.name} is not in the kernel package")
+    stage1 = QemuSpec(machine=m, ram=request.ram, kernel=images.zimage, initrd=stage1_initrd,
+                      append=" ".join([f"console={m.console}", *m.stage1_cmdline]), dtb=board_dtb, share=share)
+    inputs["stage1_kernel"] = describe("stage1_kernel", images.zimage, images.package(images.kernel_package).version)
+    run_kexec = f"{GUEST_SHARE}/loader/kexec"
+    if loader.dynamic:
+        lib = f"{GUEST_SHARE}/loader/lib"
+        run_kexec = f"{lib}/ld-linux-armhf.so.3 --library-path {lib} {run_kexec}"
+    load_args = ["--debug", "-l", f"{GUEST_SHARE}/zImage", f"--initrd={GUEST_SHARE}/initrd.img",
+                 f"--dtb={GUEST_SHARE}/board.dtb", f"--command-line={request.stage2_cmdline}",
+                 *request.kexec_args]
+    return PreparedCase(request=request, share=share, stage1=stage1, loader=loader, inputs=inputs,
+                        payload_sha256=payload_sha, kexec_command=f"{run_kexec} {shlex.join(load_args)}")
+
+
+def _version_of(images: Images, path: Path, package: str) -> str | None:
+    return images.package(package).version if path == images.zimage else None
+
+
+def guest_commands(case: PreparedCase) -> list[str]:
+    """What the bench types in the stage-1 shell, in order (also written to the share as autorun.sh)."""
+    mount = f"mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 {SHARE_TAG} {GUEST_SHARE}"
+    save_dtb = [] if case.request.dtb else [f"cp /sys/firmware/fdt {GUEST_SHARE}/board.dtb"]
+    return [mount, f"cat /proc/iomem > {GUEST_SHARE}/iomem.txt", *save_dtb,
+            f"{case.kexec_command} > {GUEST_SHARE}/kexec-debug.txt 2>&1",
+            f"{case.kexec_command.split(' --debug')[0]} -e"]
+
+
+def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
+    request = case.request
+    timings: dict[str, float] = {}
+    load: dict | None = None
+    kexec_rc: int | None = None
+    verdict = Verdict("error", "boot1", ("bench did not start",))
+    stage2 = None
+    commands = guest_commands(case)
+    (case.share / "autorun.sh").write_text("\n".join(commands) + "\n")
+    version = ".".join(map(str, qemu_version()))
+    phase = "boot1"
+    try:
+        with QemuProcess(case.stage1, request.out, debugger_attached=request.gdb) as qemu:
+            assert qemu.console is not None
+            console = qemu.console
+            shell = Shell(console)
+            t0 = time.monotonic()
+            qemu.cont()
+            say("boot1: booting the stage-1 kernel")
+            shell.wait_ready(TIMEOUTS["boot1"])
+            timings["boot1"] = time.monotonic() - t0
+            for command in commands[:-2]:
+                result = shell.run(command, TIMEOUTS["command"], command.split()[0])
+                if result.rc != 0:
+                    raise BenchError(f"stage-1 command failed ({result.rc}): {command}\n{result.output}")
+            phase = "load"
+            say("load: kexec --debug -l")
+            mib = (case.inputs["initrd"].size >> 20) + 1
+            loaded = shell.run(commands[-2], TIMEOUTS["load_base"] + TIMEOUTS["load_per_mib"] * mib, "kexec -l")
+            timings["load"] = loaded.seconds
+            kexec_rc = loaded.rc
+            debug_text = (case.share / "kexec-debug.txt").read_text(errors="replace")
+            load = _parse_load(debug_text)
+            if loaded.rc in (126, 127):  # the shell could not run the loader at all: our problem
+                raise BenchError(f"stage 1 could not run kexec (exit {loaded.rc}): {debug_text.strip()[:200]}")
+            if loaded.rc != 0:
+                tail = " | ".join(debug_text.strip().splitlines()[-3:])
+                verdict = Verdict("fail", "load", (f"kexec -l exited {loaded.rc}: {tail}",))
+            else:
+                say("handoff: kexec -e")
+                t_exec = time.monotonic()
+                start = shell.send(commands[-1])
+                ended_by = _watch_stage2(qemu, start, mib)
+                timings["stage2"] = time.monotonic() - t_exec
+                after = console.text[start:]
+                verdict = judge_stage2(after, request.stage2_cmdline, case.payload_sha256, ended_by)
+                parsed = parse_stage2(after)
+                stage2 = parsed.to_dict() if parsed else None
+    except (ConsoleTimeout, ConsoleClosed) as err:
+        # Before kexec -e a hang is the bench's (or stage 1's) problem; after it, it is the finding.
+        verdict = Verdict("error", phase, (str(err).splitlines()[0],))
+    except BenchError as err:
+        verdict = Verdict("error", phase, (str(err),))
+    timings["total"] = sum(v for k, v in timings.items() if k != "total")
+    result = CaseResult(request=request, verdict=verdict, timings=timings, inputs=case.inputs, load=load,
+                        stage2=stage2, kexec_rc=kexec_rc, qemu_version=version)
+    write_case_artifacts(case, result, commands)
+    return result
+
+
+def _parse_load(text: str) -> dict | None:
+    try:
+        return kexeclog.parse_kexec_log(text).to_dict()
+    except kexeclog.KexecLogError:
+        return None
+
+
+def _watch_stage2(qemu: QemuProcess, start: int, mib: int) -> str:
+    """Read the console after kexec -e until the marker, QEMU's exit, silence, or the deadline.
+
+    Silence only ends the wait before the new kernel has printed anything: that is the hang this bench
+    exists for (a clobbered DTB or decompressor). Later quiet stretches (initramfs unpacking, the payload
+    checksum) are legitimate and only the phase deadline applies to them.
+    """
+    console = qemu.console
+    assert console is not None
+    budget = TIMEOUTS["stage2_base"] + TIMEOUTS["stage2_per_mib"] * mib
+    deadline = None if console.no_deadlines else time.monotonic() + budget * timeout_factor()
+    silence = TIMEOUTS["silence"] * timeout_factor()
+    while True:
+        try:
+            found = console.wait_for(STAGE2_MARKER, 1.0, "stage 2", start, fail_on_close=False)
+        except ConsoleTimeout:
+            if (not console.no_deadlines and console.quiet_for() > silence
+                    and "Booting Linux" not in console.text[start:]):
+                return "silence"
+            if deadline is not None and time.monotonic() > deadline:
+                return "timeout"
+            continue
+        return "exit" if found is None else "marker"

@@ -1,0 +1,156 @@
+"""`testbench` command line. Thin: parse, call the stage modules, print, exit 0/1/2.
+
+Exit codes: 0 pass (or success), 1 fail, 2 error or bad input. Bad input is one line on stderr, never a
+traceback; SIGTERM and Ctrl-C unwind through the same cleanup paths, so no QEMU outlives the command.
+"""
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .errors import BenchError, UserError
+from .sizes import format_size, parse_size
+
+DEMO_PLACEMENTS = (("default", ()), ("image-size", ("--image-size=0x2000000",)))
+
+
+def _say(text: str) -> None:
+    print(f"[testbench] {text}", file=sys.stderr, flush=True)
+
+
+def _run_one(args: argparse.Namespace, machine_name: str, ram: str | None, kexec_args: tuple[str, ...],
+             out: Path, quiet: bool = False):
+    from .case import CaseRequest, prepare_case, run_case
+    from .images import load_images
+    from .machines import get_machine
+    from .qemu import qemu_version
+
+    machine = get_machine(machine_name)
+    qemu_version()  # fail early, with a clear line, when QEMU is missing or too old
+    images = load_images()
+    kernel = None if args.kernel in (None, "debian") else Path(args.kernel)
+    kexec = None if args.kexec in (None, "debian") else Path(args.kexec)
+    request = CaseRequest(
+        machine=machine,
+        ram=parse_size(ram, "--ram") if ram else machine.default_ram,
+        out=out,
+        kernel=kernel,
+        initrd=Path(args.initrd) if args.initrd else None,
+        initrd_size=parse_size(args.initrd_size, "--initrd-size"),
+        seed=args.seed,
+        dtb=Path(args.dtb) if args.dtb else None,
+        kexec=kexec,
+        kexec_args=kexec_args,
+        gdb=getattr(args, "gdb", False),
+    )
+    case = prepare_case(request, images)
+    return run_case(case, say=(lambda s: None) if quiet else (lambda s: _say(f"{machine_name}: {s}")))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    kexec_args = tuple(args.kexec_args.split()) if args.kexec_args else ()
+    if args.machine is None:
+        return _demo(args)
+    out = Path(args.out) if args.out else Path("out") / f"{args.machine}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = _run_one(args, args.machine, args.ram, kexec_args, out)
+    v = result.verdict
+    print(f"{v.verdict} (phase {v.phase}) in {result.timings.get('total', 0):.1f}s")
+    for reason in v.reasons:
+        print(f"  - {reason}")
+    print(f"artifacts: {out}")
+    return {"pass": 0, "fail": 1}.get(v.verdict, 2)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """No --machine: every machine, with kexec's default placement and with a large enough --image-size."""
+    from .machines import all_machines
+
+    root = Path(args.out) if args.out else Path("out") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    rows = []
+    for name in all_machines():
+        for label, extra in DEMO_PLACEMENTS:
+            _say(f"{name} / {label}: running")
+            result = _run_one(args, name, args.ram, extra, root / f"{name}-{label}", quiet=True)
+            v = result.verdict
+            rows.append((name, label, v.verdict, v.phase, result.timings.get("total", 0.0),
+                         v.reasons[0] if v.reasons else ""))
+            _say(f"{name} / {label}: {v.verdict} (phase {v.phase}) {result.timings.get('total', 0):.1f}s")
+    print(f"{'machine':<14}{'placement':<12}{'verdict':<9}{'phase':<11}{'time':>7}  reason")
+    for name, label, verdict, phase, seconds, reason in rows:
+        print(f"{name:<14}{label:<12}{verdict:<9}{phase:<11}{seconds:>6.1f}s  {reason[:90]}")
+    print(f"artifacts: {root}")
+    return 2 if any(r[2] == "error" for r in rows) else 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from .images import fetch_images, load_images
+
+    images = fetch_images(_say) if args.action == "fetch" else load_images()
+    for package in images.packages:
+        print(f"{package.name:<28} {package.version:<34} {package.sha256}")
+    print(f"cache: {images.root}  kernel: {images.kernel_release}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="testbench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="boot stage 1, kexec -l / -e into stage 2, judge the result")
+    run.add_argument("--machine", help="machine profile (no --machine: the demonstration over all machines)")
+    run.add_argument("--ram", help="RAM size, e.g. 512M, 1G (default: the machine's default)")
+    run.add_argument("--kernel", default="debian", help="zImage to kexec into: 'debian' or a path")
+    initrd = run.add_mutually_exclusive_group()
+    initrd.add_argument("--initrd-size", default="1M", help="stage-2 payload size (default 1M)")
+    initrd.add_argument("--initrd", help="use this initrd instead of the generated stage-2 one")
+    run.add_argument("--seed", type=int, default=1, help="payload seed (default 1)")
+    run.add_argument("--dtb", help="DTB for the second kernel (default: the one stage 1 booted with)")
+    run.add_argument("--kexec", default="debian", help="kexec binary: 'debian' or a path to an ARM build")
+    run.add_argument("--kexec-args", default="", help='extra kexec -l arguments, e.g. "--image-size=0x2000000"')
+    run.add_argument("--out", help="artifact dir (default out/<machine>-<time>)")
+    run.add_argument("--gdb", action="store_true", help="a debugger will attach: disable all deadlines")
+    run.set_defaults(func=cmd_run)
+
+    images = sub.add_parser("images", help="fetch or list the Debian armhf inputs in the image cache")
+    images.add_argument("action", choices=("fetch", "list"))
+    images.set_defaults(func=cmd_images)
+
+    try:
+        from . import oracle_cli
+    except ImportError:
+        oracle_cli = None
+    if oracle_cli is not None:
+        oracle_cli.register(sub)
+    return parser
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"testbench: {err}", file=sys.stderr)
+        return 2
+    except BenchError as err:
+        print(f"testbench: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("testbench: interrupted; QEMU stopped", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "format_size"]

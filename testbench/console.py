@@ -1,0 +1,142 @@
+"""The guest's serial console: a unix socket read by a thread into a buffer and console.log.
+
+Every wait has a deadline (scaled by TESTBENCH_TIMEOUT_FACTOR; none at all when a debugger is attached)
+and a timeout quotes the last console lines, so a hang explains itself.
+"""
+
+import os
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BenchError
+
+TAIL_LINES = 50
+
+
+def timeout_factor() -> float:
+    raw = os.environ.get("TESTBENCH_TIMEOUT_FACTOR", "1")
+    try:
+        factor = float(raw)
+    except ValueError:
+        raise BenchError(f"TESTBENCH_TIMEOUT_FACTOR={raw!r} is not a number") from None
+    if factor <= 0:
+        raise BenchError("TESTBENCH_TIMEOUT_FACTOR must be positive")
+    return factor
+
+
+class ConsoleTimeout(BenchError):
+    def __init__(self, what: str, seconds: float, tail: str):
+        super().__init__(f"timed out after {seconds:.0f}s waiting for {what}; last console lines:\n{tail}")
+        self.what = what
+        self.tail = tail
+
+
+class ConsoleClosed(BenchError):
+    """QEMU went away (poweroff, -no-reboot on a panic, or a crash) while we were waiting."""
+
+    def __init__(self, what: str, tail: str):
+        super().__init__(f"console closed (QEMU exited) while waiting for {what}")
+        self.what = what
+        self.tail = tail
+
+
+@dataclass(frozen=True)
+class Match:
+    pattern: str
+    match: re.Match[str]
+    offset: int  # where in the console text the match ends: the next wait starts here
+    at: float  # monotonic time the matching text arrived (well, was first seen)
+
+
+class Console:
+    def __init__(self, sock_path: Path, log_path: Path, debugger_attached: bool = False):
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.connect(str(sock_path))
+        self._log = log_path.open("ab", buffering=0)
+        self._text = ""
+        self._closed = False
+        self.last_data_at = time.monotonic()
+        self._cond = threading.Condition()
+        self.no_deadlines = debugger_attached
+        self._reader = threading.Thread(target=self._read, name="console-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except OSError:
+                data = b""
+            if data:
+                self._log.write(data)
+            with self._cond:
+                if not data:
+                    self._closed = True
+                    self._cond.notify_all()
+                    return
+                # The kernel writes CRLF; normalise so patterns can use \n and $.
+                self.last_data_at = time.monotonic()
+                self._text += data.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "")
+                self._cond.notify_all()
+
+    @property
+    def text(self) -> str:
+        with self._cond:
+            return self._text
+
+    @property
+    def closed(self) -> bool:
+        with self._cond:
+            return self._closed
+
+    def quiet_for(self) -> float:
+        """Seconds since the guest last wrote anything."""
+        return time.monotonic() - self.last_data_at
+
+    @property
+    def offset(self) -> int:
+        return len(self.text)
+
+    def tail(self, lines: int = TAIL_LINES) -> str:
+        return "\n".join(self.text.splitlines()[-lines:])
+
+    def write(self, data: str) -> None:
+        self._sock.sendall(data.encode())
+
+    def wait_for(self, patterns: str | list[str], timeout: float, what: str, start: int = 0,
+                 fail_on_close: bool = True) -> Match | None:
+        """Wait until one of the regex patterns appears in the console text after `start`.
+
+        Returns None instead of raising when the console closes and `fail_on_close` is false.
+        """
+        compiled = [re.compile(p, re.MULTILINE) for p in ([patterns] if isinstance(patterns, str) else patterns)]
+        scaled = timeout * timeout_factor()
+        deadline = None if self.no_deadlines else time.monotonic() + scaled
+        with self._cond:
+            while True:
+                window = self._text[start:]
+                found = [(m.start(), p, m) for p in compiled if (m := p.search(window))]
+                if found:
+                    _, pattern, match = min(found, key=lambda f: f[0])
+                    return Match(pattern.pattern, match, start + match.end(), time.monotonic())
+                if self._closed:
+                    if fail_on_close:
+                        raise ConsoleClosed(what, self.tail())
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise ConsoleTimeout(what, scaled, self.tail())
+                self._cond.wait(timeout=remaining if remaining is None else min(remaining, 1.0))
+
+    def close(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        self._reader.join(timeout=2)
+        self._log.close()

@@ -1,0 +1,145 @@
+"""Build the two guest initramfs images from the image cache, in Python.
+
+Stage 1 holds busybox, the virtio-mmio + 9p modules and an init that gives a shell. Stage 2 holds busybox,
+an init that prints the JSON marker, and a payload of a chosen size that is deterministic from a seed. The
+payload goes into a second, uncompressed cpio appended to the gzip one: the kernel accepts concatenated
+archives, and random bytes would not compress anyway.
+"""
+
+import gzip
+import hashlib
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cpio import CpioWriter
+from .errors import BenchError
+from .images import Images
+
+RECIPES = Path(__file__).resolve().parent.parent / "images"
+PAYLOAD_NAME = "payload.bin"
+# Kernel rule: a cpio appended after a compressed one must start 4-byte aligned; 512 keeps tools happy too.
+ARCHIVE_ALIGN = 512
+
+
+def _recipe(*parts: str) -> Path:
+    path = RECIPES.joinpath(*parts)
+    if not path.exists():
+        raise BenchError(f"recipe {path} is missing: testbench must run from its source checkout")
+    return path
+
+
+def module_load_order(modules_dir: Path, wanted: list[str]) -> list[str]:
+    """Paths (relative to modules_dir) of `wanted` modules and their dependencies, dependencies first."""
+    dep_file = modules_dir / "modules.dep"
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for line in dep_file.read_text().splitlines():
+        path, _, rest = line.partition(":")
+        deps[path] = rest.split()
+        by_name[Path(path).name.split(".ko")[0].replace("-", "_")] = path
+    order: list[str] = []
+
+    def visit(path: str) -> None:
+        if path in order:
+            return
+        for dep in deps.get(path, []):
+            visit(dep)
+        order.append(path)
+
+    for name in wanted:
+        key = name.replace("-", "_")
+        if key not in by_name:
+            raise BenchError(f"module {name} is not in {dep_file}")
+        visit(by_name[key])
+    return order
+
+
+def _base_entries(writer: CpioWriter, busybox: Path, init: Path) -> None:
+    for directory in ("bin", "dev", "proc", "sys", "mnt", "tmp", "etc", "lib"):
+        writer.directory(directory)
+    # Without /dev/console in the archive the kernel cannot give init a console at all.
+    writer.char_device("dev/console", 5, 1)
+    writer.file("bin/busybox", busybox.read_bytes(), 0o755)
+    writer.symlink("bin/sh", "busybox")
+    writer.file("init", init.read_bytes(), 0o755)
+
+
+def _cached(images: Images, kind: str, key_parts: list[bytes], build) -> Path:
+    key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:20]
+    out_dir = images.root / "initramfs"
+    out_dir.mkdir(exist_ok=True)
+    target = out_dir / f"{kind}-{key}.cpio.gz"
+    if not target.exists():
+        raw = io.BytesIO()
+        build(CpioWriter(raw))
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".build-")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(gzip.compress(raw.getvalue(), compresslevel=6, mtime=0))
+        os.replace(tmp, target)  # atomic, so concurrent runs never see half an archive
+    return target
+
+
+def stage1_initramfs(images: Images) -> Path:
+    init = _recipe("stage1", "init")
+    wanted = [ln.strip() for ln in _recipe("stage1", "modules.txt").read_text().splitlines()
+              if ln.strip() and not ln.startswith("#")]
+    order = module_load_order(images.modules_dir, wanted)
+
+    def build(writer: CpioWriter) -> None:
+        _base_entries(writer, images.busybox, init)
+        made = {"lib"}
+        writer.directory("lib/modules")
+        for rel in order:
+            parts = Path(rel).parts[:-1]
+            for depth in range(1, len(parts) + 1):
+                directory = "/".join(parts[:depth])
+                if directory not in made:
+                    writer.directory(f"lib/modules/{directory}")
+                    made.add(directory)
+            writer.file(f"lib/modules/{rel}", (images.modules_dir / rel).read_bytes())
+        writer.file("etc/modules.load", ("\n".join(order) + "\n").encode())
+        writer.close()
+
+    key = [images.package(images.kernel_package).sha256.encode(), images.package("busybox-static").sha256.encode(),
+           init.read_bytes(), "\n".join(order).encode()]
+    return _cached(images, "stage1", key, build)
+
+
+def stage2_base(images: Images) -> Path:
+    init = _recipe("stage2", "init")
+
+    def build(writer: CpioWriter) -> None:
+        _base_entries(writer, images.busybox, init)
+        writer.close()
+
+    return _cached(images, "stage2", [images.package("busybox-static").sha256.encode(), init.read_bytes()], build)
+
+
+def payload_bytes(size: int, seed: int) -> bytes:
+    """Deterministic pseudo-random payload: SHAKE-256 of the seed, so any tool can regenerate it."""
+    return hashlib.shake_256(b"testbench-payload-%d" % seed).digest(size)
+
+
+@dataclass(frozen=True)
+class Stage2Initrd:
+    path: Path
+    size: int
+    payload_size: int
+    payload_sha256: str
+    seed: int
+
+
+def build_stage2_initrd(images: Images, out: Path, payload_size: int, seed: int = 1) -> Stage2Initrd:
+    base = stage2_base(images).read_bytes()
+    payload = payload_bytes(payload_size, seed)
+    with out.open("wb") as handle:
+        handle.write(base)
+        handle.write(b"\0" * (-len(base) % ARCHIVE_ALIGN))
+        writer = CpioWriter(handle)
+        writer.file(PAYLOAD_NAME, payload)
+        writer.close()
+    return Stage2Initrd(path=out, size=out.stat().st_size, payload_size=payload_size,
+                        payload_sha256=hashlib.sha256(payload).hexdigest(), seed=seed)

@@ -1,0 +1,211 @@
+"""QEMU from a machine profile: command line, process lifetime, QMP, console.
+
+QEMU starts paused (-S) with QMP, the serial console and (optionally) the gdbstub on unix sockets inside
+the case directory, so parallel cases never race for ports. The process gets PR_SET_PDEATHSIG=SIGKILL and
+its own session: it dies with the bench even when the bench is SIGKILLed, and `stop()` kills its group.
+"""
+
+import ctypes
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from .console import Console
+from .errors import BenchError, UserError
+from .machines import Machine
+
+QEMU_BINARY = "qemu-system-arm"
+MIN_QEMU_VERSION = (7, 0)
+SHARE_TAG = "tbshare"
+# sun_path is 108 bytes; deeper case dirs get their socket dir through a short symlink in /tmp.
+MAX_SOCKET_PATH = 100
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class QemuSpec:
+    machine: Machine
+    ram: int
+    kernel: Path
+    initrd: Path
+    append: str
+    dtb: Path | None
+    share: Path | None
+
+
+@dataclass(frozen=True)
+class Sockets:
+    qmp: Path
+    console: Path
+    gdb: Path
+
+
+def qemu_binary() -> str:
+    path = shutil.which(QEMU_BINARY)
+    if path is None:
+        raise UserError(f"{QEMU_BINARY} not found; install it with `apt-get install qemu-system-arm` "
+                        "(scripts/setup does)")
+    return path
+
+
+def qemu_version(binary: str | None = None) -> tuple[int, int, int]:
+    out = subprocess.run([binary or qemu_binary(), "--version"], capture_output=True, text=True).stdout
+    try:
+        numbers = out.split("version", 1)[1].split()[0].split(".")
+        major, minor, micro = (int("".join(ch for ch in n if ch.isdigit()) or 0) for n in (numbers + ["0"])[:3])
+    except (IndexError, ValueError):
+        raise UserError(f"cannot read the version of {QEMU_BINARY} from {out.strip()!r}") from None
+    if (major, minor) < MIN_QEMU_VERSION:
+        raise UserError(f"{QEMU_BINARY} {major}.{minor} is too old; need {MIN_QEMU_VERSION[0]}.{MIN_QEMU_VERSION[1]}+")
+    return major, minor, micro
+
+
+def qemu_args(spec: QemuSpec, sockets: Sockets | None, gdb: bool = False) -> list[str]:
+    """The full command line. Without sockets it is the hand-run form used by repro.sh (console on stdio)."""
+    m = spec.machine
+    args = [QEMU_BINARY, "-M", m.qemu_machine, "-cpu", m.cpu, "-m", f"{spec.ram >> 20}M", "-smp", str(m.smp),
+            *m.qemu_args, "-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", spec.append]
+    if spec.dtb is not None:
+        args += ["-dtb", str(spec.dtb)]
+    if spec.share is not None:
+        args += ["-fsdev", f"local,id=tbfs,path={spec.share},security_model=none",
+                 "-device", f"virtio-9p-device,fsdev=tbfs,mount_tag={SHARE_TAG}"]
+    if sockets is None:
+        return [a for a in args if a != "-nographic"] + ["-nographic"]
+    args = [a for a in args if a != "-nographic"]
+    args += ["-display", "none", "-monitor", "none", "-S",
+             "-qmp", f"unix:{sockets.qmp},server=on,wait=off",
+             "-chardev", f"socket,id=tbcon,path={sockets.console},server=on,wait=off",
+             "-serial", "chardev:tbcon"]
+    if gdb:
+        args += ["-gdb", f"unix:{sockets.gdb},server=on,wait=off"]
+    return args
+
+
+def _socket_dir(case_dir: Path) -> tuple[Path, Path | None]:
+    real = case_dir / "sock"
+    real.mkdir(parents=True, exist_ok=True)
+    if len(str(real / "console.sock")) <= MAX_SOCKET_PATH:
+        return real, None
+    link = Path(tempfile.mkdtemp(prefix="tb-")) / "s"
+    link.symlink_to(real.resolve())
+    return link, link.parent
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class QemuProcess:
+    """A running QEMU. Use as a context manager: leaving the block always kills QEMU."""
+
+    def __init__(self, spec: QemuSpec, case_dir: Path, gdb: bool = False, debugger_attached: bool = False):
+        self.spec = spec
+        self.case_dir = case_dir
+        self.gdb = gdb
+        self.debugger_attached = debugger_attached
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.qmp: QEMUMonitorProtocol | None = None
+        self.console: Console | None = None
+        self._link_dir: Path | None = None
+        sock_dir, self._link_dir = _socket_dir(case_dir)
+        self.sockets = Sockets(sock_dir / "qmp.sock", sock_dir / "console.sock", sock_dir / "gdb.sock")
+        self.args = qemu_args(spec, self.sockets, gdb)
+        self.started_at = 0.0
+
+    def __enter__(self) -> "QemuProcess":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.args[0] = qemu_binary()
+        (self.case_dir / "qemu.cmdline").write_text(shlex.join(self.args) + "\n")
+        env = dict(os.environ) | dict(self.spec.machine.env)
+        stderr = (self.case_dir / "qemu.stderr").open("wb")
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, env=env,
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+        stderr.close()
+        deadline = time.monotonic() + 30
+        while not (self.sockets.qmp.exists() and self.sockets.console.exists()):
+            if self.proc.poll() is not None:
+                raise BenchError(f"QEMU exited at start (code {self.proc.returncode}): {self.stderr_tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError("QEMU did not create its sockets within 30s")
+            time.sleep(0.02)
+        self.qmp = QEMUMonitorProtocol(str(self.sockets.qmp))
+        self.qmp.connect()
+        self.console = Console(self.sockets.console, self.case_dir / "console.log", self.debugger_attached)
+
+    def stderr_tail(self) -> str:
+        path = self.case_dir / "qemu.stderr"
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-5:]) if path.exists() else ""
+
+    def cont(self) -> None:
+        assert self.qmp is not None
+        self.qmp.cmd("cont")
+
+    def pmemsave(self, address: int, size: int, path: Path) -> None:
+        assert self.qmp is not None
+        self.qmp.cmd("pmemsave", val=address, size=size, filename=str(path))
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_exit(self, timeout: float) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self) -> None:
+        if self.qmp is not None:
+            try:
+                if self.running():
+                    self.qmp.cmd("quit")
+            except Exception:  # noqa: BLE001 - QEMU may already be gone; we kill it below anyway
+                pass
+            try:
+                self.qmp.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self.qmp = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                pass
+            if self.proc.poll() is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+        if self.console is not None:
+            self.console.close()
+            self.console = None
+        for path in (self.sockets.qmp, self.sockets.console, self.sockets.gdb):
+            path.unlink(missing_ok=True)
+        if self._link_dir is not None:
+            shutil.rmtree(self._link_dir, ignore_errors=True)
+        sock_dir = self.case_dir / "sock"
+        if sock_dir.is_dir() and not any(sock_dir.iterdir()):
+            sock_dir.rmdir()

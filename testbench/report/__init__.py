@@ -1,0 +1,1 @@
+"""Report writers: per-case artifacts, SVG memory maps."""

@@ -1,0 +1,51 @@
+"""Per-case artifacts next to result.json: repro.sh, kexec-debug.txt, iomem.txt and the DTB loaded."""
+
+import json
+import os
+import shlex
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..qemu import qemu_args
+
+if TYPE_CHECKING:
+    from ..case import CaseResult, PreparedCase
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write via a temp file and rename, so nobody ever reads half a result."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def repro_script(case: "PreparedCase") -> str:
+    spec = case.stage1
+    hand = qemu_args(spec.__class__(**{**spec.__dict__, "append": spec.append + " tb.autorun"}), None)
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.machine.env)
+    return "\n".join([
+        "#!/bin/sh",
+        "# Reruns this case by hand with the console on this terminal (quit QEMU with Ctrl-A X).",
+        "# Stage 1 boots with tb.autorun and runs share/autorun.sh: the same commands the bench typed,",
+        "# ending with kexec -e. Edit share/autorun.sh to change the kexec arguments.",
+        'cd "$(dirname "$0")" || exit 1',
+        f"exec {'env ' + env + ' ' if env else ''}{shlex.join(hand)}",
+        "",
+    ])
+
+
+def write_case_artifacts(case: "PreparedCase", result: "CaseResult", commands: list[str]) -> None:
+    out = case.request.out
+    for name in ("kexec-debug.txt", "iomem.txt", "board.dtb"):
+        source = case.share / name
+        if source.exists():
+            shutil.copyfile(source, out / name)
+    (out / "guest-commands.txt").write_text("\n".join(commands) + "\n")
+    repro = out / "repro.sh"
+    repro.write_text(repro_script(case))
+    repro.chmod(0o755)
+    write_json_atomic(out / "result.json", result.to_dict())
