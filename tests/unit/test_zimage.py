@@ -1,0 +1,113 @@
+"""zImage reader: synthetic images built from DOMAIN.md's layout, and the real Debian armmp zImage."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import pytest
+
+from testbench.errors import UserError
+from testbench.zimage import ZImageError, parse_zimage, read_zimage
+
+
+def test_debian_armmp_constants(debian_zimage):
+    # DOMAIN.md 1.2 / 2.4: table at 0xd4f0 = 6, KLSZ, 0x531871, 0x5e4d4, 0x208000, 0x10000; I = 0x13a10b4;
+    # LC0 gives S = 0x533618, .Lheadroom gives R = 0x10B4, `add sl, sl, #2304` gives P = 0x900, bss 0x418.
+    z = read_zimage(debian_zimage)
+    assert z.table_offset == 0xD4F0
+    assert z.tag_words == 6
+    assert z.size_ptr == 0x531871
+    assert z.inflated_size == 0x13A10B4
+    assert z.kernel_bss == 0x5E4D4
+    assert z.text_offset == 0x208000
+    assert z.malloc_size == 0x10000
+    assert z.restart == 0x10B4
+    assert z.reloc_pad == 0x900
+    assert z.decompressor_bss == 0x418
+    assert z.bss_end == 0x532618
+    assert z.stack_end == 0x533618
+    assert z.efi_stub and not z.thumb2 and z.endian == "le"
+    assert z.appended_dtb_size is None
+    assert z.size == 0x532200
+
+
+@pytest.mark.parametrize("words", [2, 3, 4, 5, 6])
+def test_tag_size_words(make_zimage, words):
+    z = parse_zimage(make_zimage(tag_words=words, inflated=0xB78080, kbss=0x3D3C0))
+    assert z.tag_words == words
+    # kexec-tools reads +8/+12 whatever the size word says (a size of 2 covers only the header)
+    assert z.inflated_size == 0xB78080
+    assert z.kernel_bss == 0x3D3C0
+    assert z.text_offset == (0x208000 if words >= 5 else None)
+    assert z.malloc_size == (0x10000 if words >= 6 else None)
+
+
+def test_unaligned_size_ptr(make_zimage):
+    raw = make_zimage(z=0x9000, inflated=0x01020304)
+    z = parse_zimage(raw)
+    assert z.size_ptr % 4 != 0
+    assert raw[z.size_ptr:z.size_ptr + 4] == bytes([4, 3, 2, 1])
+    assert z.inflated_size == 0x01020304
+
+
+@pytest.mark.parametrize("layout", ["new", "old"])
+def test_decompressor_constants_scanned(make_zimage, layout):
+    z = parse_zimage(make_zimage(z=0x8000, restart=0xC4, pad=0xB00, dbss=0x2A4, lc0_layout=layout))
+    assert z.restart == 0xC4
+    assert z.reloc_pad == 0xB00
+    assert z.bss_start == 0x8000
+    assert z.bss_end == 0x8000 + 0x2A4
+    assert z.stack_end == ((0x8000 + 0x2A4 + 7) & ~7) + 4096
+
+
+def test_thumb2_reports_unknown_pad(make_zimage):
+    z = parse_zimage(make_zimage(thumb2=True))
+    assert z.thumb2
+    assert z.reloc_pad is None
+    assert any("Thumb-2" in n for n in z.notes)
+
+
+def test_no_table_is_pre_4_15(make_zimage):
+    raw = bytearray(make_zimage())
+    struct.pack_into("<I", raw, 0x34, 0)
+    z = parse_zimage(bytes(raw))
+    assert z.inflated_size is None and z.kernel_bss is None and not z.has_tag
+
+
+def test_efi_stub_and_appended_dtb(make_zimage):
+    z = parse_zimage(make_zimage(efi=True, appended_dtb=0x3000))
+    assert z.efi_stub
+    assert z.appended_dtb_size == 0x3000
+    assert z.size == 0x8000  # Z = end - start excludes the DTB
+    assert z.data_size == 0xB000
+
+
+def test_uimage_wrapper(make_zimage):
+    inner = make_zimage()
+    hdr = struct.pack(">7I", 0x27051956, 0, 0, len(inner), 0x40008000, 0x40008000, 0) + bytes(36)
+    z = parse_zimage(hdr + inner)
+    assert z.container == "uimage"
+    assert z.inflated_size == 0x123457
+
+
+def test_gzip_wrapper(make_zimage):
+    z = parse_zimage(gzip.compress(make_zimage()))
+    assert z.container == "gzip"
+    assert z.kernel_bss == 0x5E4D4
+
+
+@pytest.mark.parametrize("raw", [b"", b"\0" * 100, b"\x1f\x8bnot gzip", bytes(0x24) + b"\x18\x28\x6f\x01" + bytes(8)])
+def test_bad_input_raises_zimage_error(raw):
+    with pytest.raises(ZImageError):
+        parse_zimage(raw)
+
+
+def test_truncated_header_size(make_zimage):
+    with pytest.raises(ZImageError, match="file has"):
+        parse_zimage(make_zimage()[:0x4000])
+
+
+def test_missing_file_is_user_error(tmp_path):
+    with pytest.raises(UserError):
+        read_zimage(tmp_path / "nope")
