@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..errors import UserError
 from ..zimage import ZImage
 from .analyze import predict
-from .placement import PAGE, align_up
+from .placement import PAGE, PlacementError, align_up
 from .predict import Prediction
 
 
@@ -49,7 +49,10 @@ def advise(zimage: ZImage, ram_ranges: Sequence[tuple[int, int]], kexec_version:
            initrd_size: int | None = None, dtb_size: int | None = None,
            text_offset: int | None = None) -> Advice:
     ram = sorted(ram_ranges)
-    default = predict(zimage, ram, kexec_version, None, initrd_size, dtb_size, text_offset)
+    try:
+        default = predict(zimage, ram, kexec_version, None, initrd_size, dtb_size, text_offset)
+    except PlacementError as exc:
+        raise AdviceError(f"{exc}; a larger --image-size only moves the initrd and DTB higher") from None
     pl = default.placement
     assert pl is not None
     if zimage.inflated_size is None:

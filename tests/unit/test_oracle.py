@@ -1,0 +1,221 @@
+"""Oracle: placement per kexec-tools version, footprints, collisions, verdicts, advice, CLI.
+
+Expected numbers come from the seed logs and DOMAIN.md sections 3-4, not from running the code.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from testbench.errors import UserError
+from testbench.kexeclog import parse_kexec_log
+from testbench.oracle import AdviceError, advise, analyze, locate_hole, place, predict, version_family
+from testbench.oracle.collide import MALLOC_USED_BOUND
+from testbench.report.svg import memory_map_svg
+from testbench.zimage import parse_zimage, read_zimage
+
+VIRT_1G = [(0x40000000, 0x80000000)]
+MiB = 1 << 20
+
+
+# --- placement ------------------------------------------------------------------------------------------
+
+def test_place_seed_a():
+    p = place([(0x20000000, 0xA0000000)], ">=2.0.17", 0x443AC0, 0x443AC0, 0xB78080, 0x3D3C0, None,
+              0x167213D, 0x6043)
+    assert p.kernel_base == 0x20008000
+    assert p.image_size == 0xFCCB40
+    assert p.initrd == (0x20FD5000, 0x167213D)
+    assert p.dtb == (0x22648000, 0x6043)
+    assert p.kernel_memsz == 0x444000
+
+
+@pytest.mark.parametrize("initrd, dtb_at", [(0x53F46A, 0x11A50000), (None, 0x11511000)])
+def test_place_seed_b(initrd, dtb_at):
+    p = place([(0x10000000, 0x50000000)], version_family("2.0.20"), 0x7273A8, 0x7273A8, 0xDBEDB8, 0x7489F8,
+              None, initrd, 0xB044)
+    assert p.image_size == 0x15077B0
+    assert p.dtb[0] == dtb_at
+    if initrd:
+        assert p.initrd[0] == 0x11510000
+
+
+def test_place_clearfog_ram_at_zero():
+    p = place([(0, 0x40000000)], ">=2.0.17", 0x7273A8, 0x7273A8, 0xDBEDB8, 0x7489F8, None, None, 0x7BE3)
+    assert p.kernel_base == 0x8000
+    assert p.dtb == (0x1511000, 0x7BE3)
+
+
+def test_image_size_only_raises_in_2_0_17():
+    args = ([(0x20000000, 0xA0000000)], ">=2.0.17", 0x443AC0, 0x443AC0, 0xB78080, 0x3D3C0)
+    assert place(*args, 0x100000, None, 0x6043).image_size == 0xFCCB40
+    assert place(*args, 0x2000000, None, 0x6043).dtb[0] == 0x20008000 + 0x2000000 + 0x1000
+
+
+def test_old_rules():
+    # <= 2.0.12: base + ALIGN(4 * file length); 2.0.13-15: kernel_base + ALIGN(5 * Z); DTB one page after
+    ram = [(0x60000000, 0x70000000)]
+    p12 = place(ram, version_family("2.0.12"), 0x3A1F00, 0x3A1F00, None, None, None, None, 0x3B7C)
+    assert p12.dtb[0] == 0x60000000 + 0xE88000 + 0x1000
+    p14 = place(ram, version_family("2.0.14"), 0x3A1F00, 0x3A1F00, None, None, None, 0x1000, 0x3B7C)
+    assert p14.initrd[0] == 0x60008000 + 0x122A000
+    assert p14.dtb[0] == 0x60008000 + 0x122A000 + 0x2000
+    p16 = place(ram, version_family("2.0.16"), 0x3A1F00, 0x3A1F00, 0xB78080, 0x3D3C0, None, None, 0x3B7C)
+    assert p16.dtb[0] == 0x60008000 + 0xBB6000 + 0x1000
+
+
+def test_locate_hole_over_holes():
+    ram = [(0x40000000, 0x41000000), (0x42000000, 0x50000000)]
+    assert locate_hole(ram, [], 0x2000, 0x40FFF000) == 0x42000000
+    assert locate_hole(ram, [(0x42000000, 0x42001000)], 0x1000, 0x40FFF001) == 0x42001000
+    assert locate_hole(ram, [], 0x20000000, 0) is None
+    p = place(ram, ">=2.0.17", 0x443AC0, 0x443AC0, 0xB78080, 0x3D3C0, None, 0x1000000, 0x6043)
+    assert p.initrd[0] == 0x42000000  # 0x40FD5000 + 16 MiB does not fit below the hole
+
+
+def test_version_family():
+    assert version_family("1:2.0.25-3+deb12u1") == ">=2.0.17"
+    assert version_family("v2.0.13") == "2.0.13-2.0.15"
+    with pytest.raises(UserError):
+        version_family("banana")
+
+
+# --- seed logs through analyze ------------------------------------------------------------------------
+
+def test_seed_a_malloc_overlaps_initrd(seed_text):
+    pred = analyze(parse_kexec_log(seed_text("seed_a")))
+    regions = {r.name: (r.start, r.end) for r in pred.regions}
+    assert regions["decompressor.copy"] == (0x20B80B00, 0x20FC4500)
+    assert regions["decompressor.malloc"] == (0x20FC5500, 0x20FD5500)  # decompressor bss shown as 0
+    assert [(c.a, c.b, c.start, c.end) for c in pred.collisions] == [
+        ("decompressor.malloc", "initrd", 0x20FD5000, 0x20FD5500)]  # the first 0x500 + bss bytes
+    assert pred.collisions[0].severity == "benign"  # 0xFB00 - bss into the arena, above MALLOC_USED_BOUND
+    assert MALLOC_USED_BOUND <= 0xFB00 - 0x1000
+    assert pred.verdict == "safe"
+    assert any("C: line" in a for a in pred.assumptions)
+
+
+def test_seed_b_depends_on_text_offset(seed_text):
+    log = parse_kexec_log(seed_text("seed_b"))
+    pred = analyze(log)
+    assert pred.verdict == "unknown"
+    assert len(pred.undecided) == 1 and pred.undecided[0].startswith("TEXT_OFFSET: safe for 0x8000;")
+    assert analyze(log, text_offset=0x8000).verdict == "safe"
+    bad = analyze(log, text_offset=0x208000)
+    assert bad.verdict == "collision"
+    # K = 0x10208000: the kernel ends at 0x1170F7B0, into the initrd at 0x11510000
+    assert any(c.a == "kernel.bss" and c.b == "initrd" and c.start == 0x11510000 for c in bad.collisions)
+
+
+def test_seed_b_footprint_end_worst_case(seed_text):
+    pred = analyze(parse_kexec_log(seed_text("seed_b")), text_offset=0x8000)
+    malloc = next(r for r in pred.regions if r.name == "decompressor.malloc")
+    assert malloc.end == 0x114FFBE8  # DOMAIN 4: R&~31 = 0xC0, P = 0xC00, b = 0
+    kernel_bss = next(r for r in pred.regions if r.name == "kernel.bss")
+    assert kernel_bss.end == 0x1150F7B0
+
+
+# --- the Debian armmp zImage ---------------------------------------------------------------------------
+
+def test_debian_default_placement_collides(debian_zimage):
+    zi = read_zimage(debian_zimage)
+    pred = predict(zi, VIRT_1G, "2.0.25", None, MiB, MiB)
+    assert pred.placement.image_size == 0x18E42B4
+    assert pred.placement.initrd[0] == 0x418ED000
+    regions = {r.name: (r.start, r.end) for r in pred.regions}
+    assert regions["decompressor.copy"] == (0x415A9900, 0x41ADAA60)
+    assert regions["decompressor.malloc"][1] == 0x41AEBE78
+    assert regions["kernel.bss"][1] == 0x41607588
+    assert pred.verdict == "collision"
+    hit = {c.b for c in pred.collisions if c.severity == "fatal"}
+    assert hit == {"initrd", "dtb"}
+
+
+def test_debian_advise_virt(debian_zimage):
+    zi = read_zimage(debian_zimage)
+    a = advise(zi, VIRT_1G, "2.0.25", MiB, MiB)
+    assert a.needed
+    # the initrd must start at or above 0x41AEBE78: 0x40008000 + ALIGN(x, 4K) >= 0x41AEBE78
+    assert a.image_size == 0x1AE4000
+    assert predict(zi, VIRT_1G, "2.0.25", a.image_size, MiB, MiB).collisions == ()
+    assert predict(zi, VIRT_1G, "2.0.25", a.minimum, MiB, MiB).collisions == ()
+    # one page less: the initrd starts at 0x41AEB000, inside the top of the malloc arena (advice is strict)
+    less = predict(zi, VIRT_1G, "2.0.25", a.image_size - 0x1000, MiB, MiB)
+    assert [(c.a, c.b, c.start, c.end) for c in less.collisions] == [
+        ("decompressor.malloc", "initrd", 0x41AEB000, 0x41AEBE78)]
+
+
+# --- synthetic zImages through predict/advise ----------------------------------------------------------
+
+def test_no_image_size_needed_for_small_kernel(make_zimage):
+    # TEXT_OFFSET 0x8000 and a kernel bss larger than Z + 0x11000 + P: kexec's total covers the decompressor
+    zi = parse_zimage(make_zimage(z=0x8000, inflated=0x200000, kbss=0x100000, text_offset=0x8000))
+    a = advise(zi, VIRT_1G, "2.0.25", MiB, MiB)
+    assert not a.needed and a.image_size is None
+
+
+def test_advise_impossible_in_tiny_ram(make_zimage):
+    zi = parse_zimage(make_zimage(inflated=0x1000000))
+    with pytest.raises(AdviceError):
+        advise(zi, [(0x40000000, 0x41200000)], "2.0.25", MiB, MiB)
+
+
+def test_unknown_without_tag(make_zimage):
+    raw = bytearray(make_zimage())
+    raw[0x34:0x38] = bytes(4)
+    pred = predict(parse_zimage(bytes(raw)), VIRT_1G, "2.0.14", None, MiB, MiB)
+    assert pred.verdict == "unknown"
+    assert "inflated" in pred.undecided[0]
+
+
+# --- CLI and SVG ---------------------------------------------------------------------------------------
+
+def _cli(argv):
+    import argparse
+
+    from testbench import oracle_cli
+
+    parser = argparse.ArgumentParser()
+    oracle_cli.register(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_analyze_json(tmp_path, capsys):
+    log = tmp_path / "b.txt"
+    log.write_text((__import__("pathlib").Path(__file__).parent / "data" / "seed_b.txt").read_text())
+    svg = tmp_path / "b.svg"
+    assert _cli(["analyze", str(log), "--json", "--svg", str(svg)]) == 3
+    out = json.loads(capsys.readouterr().out)
+    assert out["verdict"] == "unknown"
+    assert set(out) >= {"verdict", "collisions", "layout", "assumptions"}
+    assert any("TEXT_OFFSET" in a for a in out["assumptions"])
+    ET.fromstring(svg.read_text())
+    assert _cli(["analyze", str(log), "--text-offset", "0x208000"]) == 1
+    assert "verdict: collision" in capsys.readouterr().out
+
+
+def test_cli_bad_input(tmp_path):
+    empty = tmp_path / "e.txt"
+    empty.write_text("nothing here\n")
+    with pytest.raises(UserError):
+        _cli(["analyze", str(empty)])
+    with pytest.raises(UserError):
+        _cli(["analyze", str(tmp_path / "missing.txt")])
+    with pytest.raises(UserError):
+        _cli(["advise", "--kernel", str(empty), "--machine", "virt"])
+
+
+def test_cli_advise(debian_zimage, capsys):
+    assert _cli(["advise", "--kernel", str(debian_zimage), "--machine", "virt", "--initrd-size", "1M"]) == 0
+    assert "--image-size=0x1ae4000" in capsys.readouterr().out
+
+
+def test_svg_marks_fatal_in_red(debian_zimage):
+    pred = predict(read_zimage(debian_zimage), VIRT_1G, "2.0.25", None, MiB, MiB)
+    svg = memory_map_svg(pred.regions, pred.collisions, "debian")
+    ET.fromstring(svg)
+    assert "#e00000" in svg and "decompressor.copy x initrd" in svg
