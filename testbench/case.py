@@ -5,6 +5,7 @@ always returns a CaseResult (a bench failure becomes verdict `error`), with QEMU
 """
 
 import os
+import re
 import shlex
 import shutil
 import time
@@ -17,12 +18,13 @@ from .errors import BenchError, UserError
 from .guest import Shell
 from .images import Images
 from .initramfs import build_stage2_initrd, stage1_initramfs
-from .inputs import (Input, Loader, check_dtb, check_kexec, check_zimage, describe, existing_file,
-                     loader_bundle)
+from .inputs import Input, Loader, check_dtb, check_kexec, describe, existing_file, loader_bundle
 from .machines import Machine
-from .qemu import SHARE_TAG, QemuProcess, QemuSpec, qemu_args, qemu_version
+from .oracle import analyze
+from .qemu import SHARE_TAG, QemuProcess, QemuSpec, qemu_version
 from .report.artifacts import write_case_artifacts
 from .verdict import STAGE2_MARKER, Verdict, judge_stage2, parse_stage2
+from .zimage import ZImage, read_zimage
 
 GUEST_SHARE = "/mnt"
 # Per-phase deadlines in seconds, before TESTBENCH_TIMEOUT_FACTOR. Measured on 2 TCG cores: stage 1 boots
@@ -57,6 +59,7 @@ class PreparedCase:
     request: CaseRequest
     share: Path
     stage1: QemuSpec
+    zimage: ZImage
     loader: Loader
     inputs: dict[str, Input]
     payload_sha256: str | None
@@ -70,8 +73,10 @@ class CaseResult:
     timings: dict[str, float]
     inputs: dict[str, Input] = field(default_factory=dict)
     load: dict | None = None
+    predicted: dict | None = None
     stage2: dict | None = None
     kexec_rc: int | None = None
+    loader_version: str | None = None
     qemu_version: str | None = None
 
     def to_dict(self) -> dict:
@@ -82,10 +87,12 @@ class CaseResult:
             "ram": {"base": m.ram_base, "size": self.request.ram},
             "kexec_args": list(self.request.kexec_args),
             "load": self.load,
+            "predicted": self.predicted,
             "stage2": self.stage2,
             "inputs": {role: i.to_dict() for role, i in self.inputs.items()},
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "kexec_rc": self.kexec_rc,
+            "loader_version": self.loader_version,
             "qemu_version": self.qemu_version,
         }
 
@@ -101,7 +108,8 @@ def _link_or_copy(source: Path, target: Path) -> None:
 def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
     m = request.machine
     m.check_ram(request.ram)
-    kernel = check_zimage(request.kernel or images.zimage)
+    kernel = existing_file(request.kernel or images.zimage, "kernel")
+    zimage = read_zimage(kernel)
     loader = check_kexec(request.kexec) if request.kexec else Loader(images.kexec, True, None)
     if request.initrd is not None:
         initrd_bytes = existing_file(request.initrd, "initrd").stat().st_size
@@ -158,7 +166,7 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
     load_args = ["--debug", "-l", f"{GUEST_SHARE}/zImage", f"--initrd={GUEST_SHARE}/initrd.img",
                  f"--dtb={GUEST_SHARE}/board.dtb", f"--command-line={request.stage2_cmdline}",
                  *request.kexec_args]
-    return PreparedCase(request=request, share=share, stage1=stage1, loader=loader, inputs=inputs,
+    return PreparedCase(request=request, share=share, stage1=stage1, zimage=zimage, loader=loader, inputs=inputs,
                         payload_sha256=payload_sha, kexec_command=f"{run_kexec} {shlex.join(load_args)}")
 
 
@@ -170,9 +178,9 @@ def guest_commands(case: PreparedCase) -> list[str]:
     """What the bench types in the stage-1 shell, in order (also written to the share as autorun.sh)."""
     mount = f"mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 {SHARE_TAG} {GUEST_SHARE}"
     save_dtb = [] if case.request.dtb else [f"cp /sys/firmware/fdt {GUEST_SHARE}/board.dtb"]
-    return [mount, f"cat /proc/iomem > {GUEST_SHARE}/iomem.txt", *save_dtb,
-            f"{case.kexec_command} > {GUEST_SHARE}/kexec-debug.txt 2>&1",
-            f"{case.kexec_command.split(' --debug')[0]} -e"]
+    run_kexec = case.kexec_command.split(" --debug")[0]
+    return [mount, f"cat /proc/iomem > {GUEST_SHARE}/iomem.txt", *save_dtb, f"{run_kexec} --version",
+            f"{case.kexec_command} > {GUEST_SHARE}/kexec-debug.txt 2>&1", f"{run_kexec} -e"]
 
 
 def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
@@ -182,6 +190,8 @@ def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
     kexec_rc: int | None = None
     verdict = Verdict("error", "boot1", ("bench did not start",))
     stage2 = None
+    loader_version: str | None = None
+    prediction: dict | None = None
     commands = guest_commands(case)
     (case.share / "autorun.sh").write_text("\n".join(commands) + "\n")
     version = ".".join(map(str, qemu_version()))
@@ -200,6 +210,8 @@ def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
                 result = shell.run(command, TIMEOUTS["command"], command.split()[0])
                 if result.rc != 0:
                     raise BenchError(f"stage-1 command failed ({result.rc}): {command}\n{result.output}")
+                if command.endswith("--version"):
+                    loader_version = _kexec_version(result.output)
             phase = "load"
             say("load: kexec --debug -l")
             mib = (case.inputs["initrd"].size >> 20) + 1
@@ -207,7 +219,9 @@ def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
             timings["load"] = loaded.seconds
             kexec_rc = loaded.rc
             debug_text = (case.share / "kexec-debug.txt").read_text(errors="replace")
-            load = _parse_load(debug_text)
+            log = _parse_load(debug_text)
+            load = log.to_dict() if log else None
+            prediction = _predict(log, case.zimage, loader_version)
             if loaded.rc in (126, 127):  # the shell could not run the loader at all: our problem
                 raise BenchError(f"stage 1 could not run kexec (exit {loaded.rc}): {debug_text.strip()[:200]}")
             if loaded.rc != 0:
@@ -221,6 +235,8 @@ def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
                 timings["stage2"] = time.monotonic() - t_exec
                 after = console.text[start:]
                 verdict = judge_stage2(after, request.stage2_cmdline, case.payload_sha256, ended_by)
+                if verdict.verdict == "fail" and prediction is not None:
+                    verdict = replace(verdict, reasons=verdict.reasons + _oracle_reasons(prediction))
                 parsed = parse_stage2(after)
                 stage2 = parsed.to_dict() if parsed else None
     except (ConsoleTimeout, ConsoleClosed) as err:
@@ -230,16 +246,37 @@ def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
         verdict = Verdict("error", phase, (str(err),))
     timings["total"] = sum(v for k, v in timings.items() if k != "total")
     result = CaseResult(request=request, verdict=verdict, timings=timings, inputs=case.inputs, load=load,
-                        stage2=stage2, kexec_rc=kexec_rc, qemu_version=version)
+                        stage2=stage2, kexec_rc=kexec_rc, qemu_version=version, predicted=prediction,
+                        loader_version=loader_version)
     write_case_artifacts(case, result, commands)
     return result
 
 
-def _parse_load(text: str) -> dict | None:
+def _parse_load(text: str) -> kexeclog.KexecLog | None:
     try:
-        return kexeclog.parse_kexec_log(text).to_dict()
+        return kexeclog.parse_kexec_log(text)
     except kexeclog.KexecLogError:
         return None
+
+
+def _kexec_version(output: str) -> str | None:
+    match = re.search(r"kexec-tools (\S+)", output)
+    return match.group(1) if match else None
+
+
+def _predict(log: kexeclog.KexecLog | None, zimage: ZImage, kexec_version: str | None) -> dict | None:
+    """The oracle's view of the load kexec actually made: the same addresses, judged statically."""
+    if log is None:
+        return None
+    try:
+        return analyze(log, zimage=zimage, kexec_version=kexec_version).to_dict()
+    except UserError as err:
+        return {"verdict": "unknown", "error": str(err), "collisions": []}
+
+
+def _oracle_reasons(prediction: dict) -> tuple[str, ...]:
+    fatal = [c for c in prediction.get("collisions", []) if c.get("severity") == "fatal"]
+    return tuple(f"oracle: {c['a']} x {c['b']} [{c['start']:#x}, {c['end']:#x}) fatal" for c in fatal)
 
 
 def _watch_stage2(qemu: QemuProcess, start: int, mib: int) -> str:

@@ -4,6 +4,7 @@ Every wait has a deadline (scaled by TESTBENCH_TIMEOUT_FACTOR; none at all when 
 and a timeout quotes the last console lines, so a hang explains itself.
 """
 
+import contextlib
 import os
 import re
 import socket
@@ -133,10 +134,8 @@ class Console:
                 self._cond.wait(timeout=remaining if remaining is None else min(remaining, 1.0))
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self._sock.close()
         self._reader.join(timeout=2)
         self._log.close()

@@ -16,8 +16,6 @@ from elftools.elf.elffile import ELFFile
 from .errors import UserError
 from .images import Images
 
-ZIMAGE_MAGIC_OFFSET = 0x24
-ZIMAGE_MAGIC = 0x016F2818
 FDT_MAGIC = b"\xd0\x0d\xfe\xed"
 
 
@@ -52,22 +50,6 @@ def existing_file(path: Path, role: str) -> Path:
         raise UserError(f"{role} {path}: not a regular file")
     if not os.access(path, os.R_OK):
         raise UserError(f"{role} {path}: not readable")
-    return path
-
-
-def check_zimage(path: Path) -> Path:
-    existing_file(path, "kernel")
-    head = path.open("rb").read(0x40)
-    if len(head) < 0x30:
-        raise UserError(f"kernel {path}: only {len(head)} bytes, too short for a zImage")
-    magic = int.from_bytes(head[ZIMAGE_MAGIC_OFFSET:ZIMAGE_MAGIC_OFFSET + 4], "little")
-    if magic != ZIMAGE_MAGIC:
-        raise UserError(f"kernel {path}: not an ARM zImage (no magic 0x016f2818 at offset 0x24)")
-    start = int.from_bytes(head[0x28:0x2C], "little")
-    end = int.from_bytes(head[0x2C:0x30], "little")
-    if end - start > path.stat().st_size:
-        raise UserError(f"kernel {path}: zImage is truncated (header says {end - start:#x} bytes, "
-                        f"file has {path.stat().st_size:#x})")
     return path
 
 

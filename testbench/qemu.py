@@ -5,6 +5,7 @@ the case directory, so parallel cases never race for ports. The process gets PR_
 its own session: it dies with the bench even when the bench is SIGKILLed, and `stop()` kills its group.
 """
 
+import contextlib
 import ctypes
 import os
 import shlex
@@ -178,26 +179,19 @@ class QemuProcess:
 
     def stop(self) -> None:
         if self.qmp is not None:
-            try:
+            # QEMU may already be gone (poweroff, panic with -no-reboot); it is killed below in any case.
+            with contextlib.suppress(Exception):
                 if self.running():
                     self.qmp.cmd("quit")
-            except Exception:  # noqa: BLE001 - QEMU may already be gone; we kill it below anyway
-                pass
-            try:
+            with contextlib.suppress(Exception):
                 self.qmp.close()
-            except Exception:  # noqa: BLE001
-                pass
             self.qmp = None
         if self.proc is not None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                pass
             if self.proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 self.proc.wait()
         if self.console is not None:
             self.console.close()
