@@ -36,7 +36,10 @@ def kernel_address(load: int, text_offset: int, ram: Sequence[tuple[int, int]] |
     base rounded up to 2 MiB; older kernels would simply use the guess and fail to boot either way.
     """
     guess = load & 0xF8000000
-    if ram and not any(s <= guess < e for s, e in ram):
+    if ram:
+        for s, e in ram:
+            if s <= guess < e:
+                return guess + text_offset
         guess = (min(s for s, _ in ram) + SZ_2M - 1) & -SZ_2M
     return guess + text_offset
 

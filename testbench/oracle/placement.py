@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import UserError
 
@@ -32,8 +32,9 @@ class PlacementError(UserError):
     """kexec-tools itself would refuse this load."""
 
 
-@dataclass(frozen=True, slots=True)
-class Placement:
+class Placement(NamedTuple):
+    """kexec's decisions. Immutable; a NamedTuple because it is built once per benchmarked layout."""
+
     family: str
     base: int
     kernel_base: int  # L, where the zImage lands; also the entry point
@@ -73,6 +74,12 @@ def locate_hole(ram: Ranges, used: Ranges, size: int, min_addr: int, align: int 
                 max_addr: int = ULONG_MAX) -> int | None:
     """Lowest `align`-aligned start >= min_addr of `size` free bytes; None when there is none."""
     for start, end in ram:
+        if not used:  # the kernel and initrd searches: nothing added yet
+            s = (max(start, min_addr) + align - 1) & -align
+            e = min(end, max_addr + 1)
+            if e > s and e - s >= size:
+                return s
+            continue
         pieces = [(start, end)]
         for us, ue in used:
             nxt = []
@@ -105,7 +112,8 @@ def place(ram: Ranges, family: str, zimage_size: int, file_size: int, inflated: 
           kernel_bss: int | None, image_size: int | None, initrd_size: int | None,
           dtb_size: int | None) -> Placement:
     """Reproduce kexec-tools' arithmetic. `family` is one of FAMILIES; sizes of None mean 'not given'."""
-    ram = sorted(ram)
+    if len(ram) > 1:
+        ram = sorted(ram)
     if family == "<=2.0.12":
         length = file_size  # no header clamp before 8d61400
         memsz = align_up(length, PAGE)
@@ -152,14 +160,12 @@ def place(ram: Ranges, family: str, zimage_size: int, file_size: int, inflated: 
         if dtb_size is not None:
             dmin = align_down(initrd_base + initrd_len + PAGE, PAGE)
             dtb = (_hole(ram, used, dtb_size, dmin, "DTB"), dtb_size)
-    segs = [("kernel", kbase, kbase + memsz)]
-    if initrd:
-        segs.append(("initrd", initrd[0], initrd[0] + align_up(initrd[1], PAGE)))
-    if dtb:
-        segs.append(("DTB", dtb[0], dtb[0] + align_up(dtb[1], PAGE)))
-    segs.sort(key=lambda s: s[1])
-    for (na, _, ea), (nb, sb, _) in zip(segs, segs[1:], strict=False):
-        if sb < ea:
-            raise PlacementError(f"kexec would refuse the load: the {na} and {nb} segments overlap "
+    # sort_segments refuses overlapping segments; only a too-small --image-size can cause it
+    kend = kbase + memsz
+    for name, seg in (("initrd", initrd), ("DTB", dtb)):
+        if seg is not None and seg[0] < kend and kbase < seg[0] + align_up(seg[1], PAGE):
+            raise PlacementError(f"kexec would refuse the load: the kernel and {name} segments overlap "
                                  f"(--image-size {size:#x} is smaller than the kernel)")
+    if initrd and dtb and dtb[0] < initrd[0] + align_up(initrd[1], PAGE) and initrd[0] < dtb[0] + dtb[1]:
+        raise PlacementError("kexec would refuse the load: the initrd and DTB segments overlap")
     return Placement(family, base, kbase, memsz, size, initrd, dtb)
