@@ -5,6 +5,7 @@ traceback; SIGTERM and Ctrl-C unwind through the same cleanup paths, so no QEMU 
 """
 
 import argparse
+import importlib
 import signal
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 from .errors import BenchError, UserError
 from .sizes import format_size, parse_size
 
+SUBCOMMAND_MODULES = ("oracle_cli", "replay", "doctor", "matrix")
 DEMO_PLACEMENTS = (("default", ()), ("image-size", ("--image-size=0x2000000",)))
 
 
@@ -117,12 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("action", choices=("fetch", "list"))
     images.set_defaults(func=cmd_images)
 
-    try:
-        from . import oracle_cli
-    except ImportError:
-        oracle_cli = None
-    if oracle_cli is not None:
-        oracle_cli.register(sub)
+    # Each further stage adds its own subcommands through a module-level register(subparsers).
+    for module_name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(f".{module_name}", __package__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__package__}.{module_name}":
+                raise
+            continue
+        module.register(sub)
     return parser
 
 
