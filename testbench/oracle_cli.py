@@ -45,6 +45,11 @@ def _zimage(path: str | None, args: argparse.Namespace):
         return None
     from .zimage import read_zimage
 
+    if path == "debian":  # the same shorthand as `testbench run --kernel debian`
+        from .images import load_images
+
+        path = str(load_images().zimage)
+
     return read_zimage(path, getattr(args, "decompressor_elf", None), getattr(args, "vmlinux", None))
 
 
@@ -189,7 +194,8 @@ def register(subparsers) -> None:
     an.set_defaults(func=cmd_analyze)
 
     ad = subparsers.add_parser("advise", help="smallest kexec --image-size that keeps initrd and DTB intact")
-    ad.add_argument("--kernel", required=True, help="the zImage to load")
+    ad.add_argument("--kernel", required=True,
+                    help="the zImage to load: a path, or 'debian' for the cached Debian kernel")
     ad.add_argument("--machine", help="machine profile (RAM base and default size)")
     ad.add_argument("--ram-base", help="RAM base address (instead of, or overriding, --machine)")
     ad.add_argument("--ram-size", help="RAM size, e.g. 1G (default: the machine's default RAM)")
