@@ -7,6 +7,7 @@ so result.json says exactly what ran.
 import hashlib
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from .errors import UserError
 from .images import Images
 
 FDT_MAGIC = b"\xd0\x0d\xfe\xed"
+# dtc reads a DTB of a few hundred KiB in milliseconds; this only bounds a pathological input.
+DTC_TIMEOUT = 20.0
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,30 @@ def existing_file(path: Path, role: str) -> Path:
 
 
 def check_dtb(path: Path) -> Path:
+    """A DTB kexec will accept: magic, a totalsize the file holds, and a structure dtc can walk.
+
+    The header checks give the common mistakes a precise message; dtc (device-tree-compiler) then checks
+    the structure block, so a blob with a good header and a garbage body is refused here and not by
+    `kexec -l` in the guest ("Invalid FDT buffer") a boot later.
+    """
     existing_file(path, "dtb")
-    head = path.open("rb").read(8)
+    with path.open("rb") as handle:
+        head = handle.read(8)
     if head[:4] != FDT_MAGIC:
         raise UserError(f"dtb {path}: not a flattened device tree (no magic d00dfeed)")
     if int.from_bytes(head[4:8], "big") > path.stat().st_size:
         raise UserError(f"dtb {path}: truncated (header totalsize exceeds the file)")
+    dtc = shutil.which("dtc")
+    if dtc is None:
+        raise UserError("checking a DTB needs dtc; install it with `apt-get install device-tree-compiler`")
+    try:
+        done = subprocess.run([dtc, "-q", "-I", "dtb", "-O", "dtb", "-o", os.devnull, str(path)],
+                              capture_output=True, text=True, errors="replace", timeout=DTC_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"dtb {path}: dtc could not read it within {DTC_TIMEOUT:.0f}s") from None
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or [f"dtc exited {done.returncode}"])[-1]
+        raise UserError(f"dtb {path}: corrupt device tree ({why.removeprefix('FATAL ERROR: ')})")
     return path
 
 

@@ -38,6 +38,7 @@ _ARM_BIC_SL_255 = 0xE3CAA0FF  # bic sl, sl, #255
 _ARM_ADD_SL_IMM = 0xE28AA000  # add sl, sl, #imm12 (mask 0xfffff000)
 _THUMB_SWITCH = 0xE24FF003  # sub pc, pc, #3: the Thumb-2 kernel's switch out of ARM state
 _MAX_GUNZIP = 256 << 20  # a gzip-wrapped zImage bigger than this is not a kernel
+_MAX_INFLATED = 1 << 30  # a 32-bit ARM kernel image inflating to 1 GiB or more cannot be placed in lowmem
 
 
 class ZImageError(UserError):
@@ -207,21 +208,27 @@ def parse_zimage(raw: bytes) -> ZImage:
     if len(buf) >= 0x3C and _u32(buf, 0x34) == MAGIC2:
         table = _u32(buf, 0x38)
         fields["table_offset"] = table
+        # magic2 promises a table (v4.15+ vmlinux.lds.S always emits KLSZ in it): a missing or inconsistent
+        # tag is a damaged file, and kexec-tools would size the kernel from garbage, so refuse it.
         found = _find_tag(buf, table) if table < len(buf) else None
         if found is None:
-            notes.append(f"tag table at {table:#x} has no KLSZ tag")
-        else:
-            words, payload = found
-            fields["tag_words"] = words
-            fields["size_ptr"], fields["kernel_bss"] = payload[0], payload[1]
-            if payload[0] + 4 <= len(buf):
-                fields["inflated_size"] = _u32(buf, payload[0])  # unaligned on purpose: get_unaligned
-            else:
-                notes.append(f"KLSZ size_ptr {payload[0]:#x} points past the end of the file")
-            if words >= 5 and len(payload) >= 3:
-                fields["text_offset"] = payload[2]
-            if words >= 6 and len(payload) >= 4:
-                fields["malloc_size"] = payload[3]
+            raise ZImageError(f"corrupt zImage tag table at {table:#x}: no KLSZ tag")
+        words, payload = found
+        if not 2 <= words <= 6 or len(payload) < 2:
+            raise ZImageError(f"corrupt zImage tag table at {table:#x}: KLSZ tag of {words} words")
+        if not 0x30 <= payload[0] <= len(buf) - 4:
+            raise ZImageError(f"corrupt zImage tag table at {table:#x}: KLSZ size_ptr {payload[0]:#x} "
+                              f"is outside the {len(buf):#x}-byte file")
+        fields["tag_words"] = words
+        fields["size_ptr"], fields["kernel_bss"] = payload[0], payload[1]
+        fields["inflated_size"] = _u32(buf, payload[0])  # unaligned on purpose: get_unaligned
+        if not 0 < fields["inflated_size"] < _MAX_INFLATED:
+            raise ZImageError(f"corrupt zImage tag table at {table:#x}: inflated size "
+                              f"{fields['inflated_size']:#x} read from {payload[0]:#x} is impossible")
+        if words >= 5 and len(payload) >= 3:
+            fields["text_offset"] = payload[2]
+        if words >= 6 and len(payload) >= 4:
+            fields["malloc_size"] = payload[3]
     else:
         notes.append("no tag table (magic2 0x45454545 absent): kernel older than v4.15")
     if z + 8 <= len(buf) and _u32(buf, z, big=True) == FDT_MAGIC:
