@@ -33,6 +33,8 @@ GUEST_SHARE = "/mnt"
 # silence there is a hang (15 s leaves room for a loaded host).
 TIMEOUTS = {"boot1": 90.0, "command": 30.0, "load_base": 30.0, "load_per_mib": 0.3,
             "stage2_base": 90.0, "stage2_per_mib": 0.6, "silence": 15.0}
+# Beyond the kernel and the initrd, a case dir holds the loader bundle (~6 MiB), logs and dumps.
+OUT_DIR_SLACK = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,12 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
         probe.unlink()
     except OSError as err:
         raise UserError(f"output dir {out}: cannot write ({err.strerror})") from None
+    # The share may be copied rather than hard-linked (another filesystem): refuse a dir that cannot hold
+    # it, so a full disk is one clear line here and not ENOSPC halfway through the run.
+    need = kernel.stat().st_size + initrd_bytes + OUT_DIR_SLACK
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise UserError(f"output dir {out}: only {free >> 10} KiB free, a case needs about {need >> 20} MiB")
     share = out / "share"
     shutil.rmtree(share, ignore_errors=True)
     (share / "loader").mkdir(parents=True)
