@@ -58,7 +58,14 @@ def qemu_binary() -> str:
 
 
 def qemu_version(binary: str | None = None) -> tuple[int, int, int]:
-    out = subprocess.run([binary or qemu_binary(), "--version"], capture_output=True, text=True).stdout
+    binary = binary or qemu_binary()
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, errors="replace",
+                             timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as err:
+        # A broken install (not executable, wrong architecture, hanging) is bad setup, not a bench bug.
+        raise UserError(f"{binary} --version failed ({err}); reinstall it with "
+                        "`apt-get install --reinstall qemu-system-arm`") from None
     try:
         numbers = out.split("version", 1)[1].split()[0].split(".")
         major, minor, micro = (int("".join(ch for ch in n if ch.isdigit()) or 0) for n in (numbers + ["0"])[:3])
