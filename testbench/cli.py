@@ -76,12 +76,16 @@ def _demo(args: argparse.Namespace) -> int:
             _say(f"{name} / {label}: running")
             result = _run_one(args, name, args.ram, extra, root / f"{name}-{label}", quiet=True)
             v = result.verdict
-            rows.append((name, label, v.verdict, v.phase, result.timings.get("total", 0.0),
-                         v.reasons[0] if v.reasons else ""))
+            rows.append((name, label, v.verdict, v.phase, result.timings.get("total", 0.0), v.reasons))
             _say(f"{name} / {label}: {v.verdict} (phase {v.phase}) {result.timings.get('total', 0):.1f}s")
     print(f"{'machine':<14}{'placement':<12}{'verdict':<9}{'phase':<11}{'time':>7}  reason")
-    for name, label, verdict, phase, seconds, reason in rows:
-        print(f"{name:<14}{label:<12}{verdict:<9}{phase:<11}{seconds:>6.1f}s  {reason[:90]}")
+    for name, label, verdict, phase, seconds, reasons in rows:
+        # The console's reason says how it died; the oracle's first fatal collision says what was hit.
+        shown = [reasons[0]] if reasons else [""]
+        shown += [r for r in reasons[1:] if r.startswith("oracle:")][:1]
+        print(f"{name:<14}{label:<12}{verdict:<9}{phase:<11}{seconds:>6.1f}s  {shown[0][:100]}")
+        for extra in shown[1:]:
+            print(f"{'':<52}  {extra[:100]}")
     print(f"artifacts: {root}")
     return 2 if any(r[2] == "error" for r in rows) else 0
 
