@@ -1,0 +1,204 @@
+"""`testbench doctor`: is this machine ready to run the bench? Each problem comes with the command that fixes it.
+
+Checks QEMU (present, >= 7.0, the boards of machines.toml), the armhf foreign architecture, the image cache
+(manifest, every unpacked tree, every .deb against the sha256 in the manifest), free disk for the cache and
+the output dir, the Python dependencies, and the host tools (dtc, fdtget, depmod). Exit 0 when nothing
+fails (warnings, such as low disk, are printed but do not fail), 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+LOW_DISK = 2 << 30
+SETUP = "scripts/setup"
+# module to import -> the distribution that provides it (pyproject's dependencies and the dev extra).
+PYTHON_DEPS = {"qemu.qmp": "qemu.qmp", "elftools": "pyelftools", "pytest": "pytest", "xdist": "pytest-xdist"}
+DEV_DEPS = {"hypothesis": "hypothesis"}
+# host tool -> Debian package; dtc checks --dtb inputs, depmod runs once per fetched kernel.
+HOST_TOOLS = {"dtc": "device-tree-compiler", "fdtget": "device-tree-compiler", "depmod": "kmod",
+              "dpkg-deb": "dpkg", "apt-get": "apt"}
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # "ok", "warn" or "fail"
+    what: str
+    fix: str | None = None
+
+    def line(self) -> str:
+        text = f"{self.level.upper():<5} {self.what}"
+        return f"{text}; fix: {self.fix}" if self.fix else text
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str] | None:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def check_qemu() -> Iterator[Finding]:
+    from .machines import all_machines
+    from .qemu import MIN_QEMU_VERSION, QEMU_BINARY, qemu_version
+
+    install = f"apt-get install {QEMU_BINARY}"
+    binary = shutil.which(QEMU_BINARY)
+    if binary is None:
+        yield Finding("fail", f"{QEMU_BINARY} is not on PATH", install)
+        return
+    try:
+        version = qemu_version(binary)
+    except UserError as err:
+        need = ".".join(map(str, MIN_QEMU_VERSION))
+        yield Finding("fail", f"{QEMU_BINARY}: {err}", f"{install} (Debian 12 ships 7.2; need {need}+)")
+        return
+    yield Finding("ok", f"{QEMU_BINARY} {'.'.join(map(str, version))} at {binary}")
+    done = _run([binary, "-machine", "help"])
+    listed = {line.split()[0] for line in (done.stdout if done else "").splitlines()[1:] if line.strip()}
+    wanted = {m.qemu_machine for m in all_machines().values()}
+    missing = sorted(wanted - listed)
+    if missing:
+        yield Finding("fail", f"{QEMU_BINARY} lacks the machines {', '.join(missing)}",
+                      f"apt-get install --reinstall {QEMU_BINARY} (Debian's build has every ARM board)")
+    else:
+        yield Finding("ok", f"QEMU machines present: {', '.join(sorted(wanted))}")
+
+
+def check_armhf() -> Iterator[Finding]:
+    done = _run(["dpkg", "--print-foreign-architectures"])
+    if done is None:
+        yield Finding("fail", "dpkg not found: the image cache is built with apt on Debian 12",
+                      f"run the bench on Debian 12 ({SETUP})")
+    elif "armhf" not in done.stdout.split():
+        yield Finding("fail", "the armhf architecture is not enabled in dpkg",
+                      "dpkg --add-architecture armhf && apt-get update")
+    else:
+        yield Finding("ok", "dpkg foreign architecture armhf enabled")
+
+
+def _sha256(path: Path) -> str:
+    from .inputs import sha256_file
+
+    return sha256_file(path)
+
+
+def check_cache() -> Iterator[Finding]:
+    from .images import cache_dir
+
+    root = cache_dir()
+    fetch = "testbench images fetch"
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        yield Finding("fail", f"image cache {root}: no manifest.json (nothing fetched yet)", fetch)
+        return
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        packages = [(p["name"], p["sha256"], p["deb"], p["tree"]) for p in manifest["packages"]]
+        kernel = manifest["kernel_package"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        yield Finding("fail", f"image cache {root}: manifest.json is unreadable ({err})", fetch)
+        return
+    problems = 0
+    for name, sha, deb, tree in packages:
+        if not (root / "tree" / tree).is_dir():
+            problems += 1
+            yield Finding("fail", f"image cache: {name} is not unpacked (tree/{tree[:12]}… missing)", fetch)
+        deb_path = root / "debs" / deb
+        if not deb_path.is_file():
+            problems += 1
+            yield Finding("fail", f"image cache: {deb} is missing", fetch)
+        elif _sha256(deb_path) != sha:
+            problems += 1
+            yield Finding("fail", f"image cache: {deb} does not match its sha256 in the manifest",
+                          f"rm {deb_path} && {fetch}")
+    leftovers = sorted((root / "tree").glob(".unpack-*")) if (root / "tree").is_dir() else []
+    if leftovers:
+        # Never used (trees appear only by an atomic rename), but they waste space.
+        yield Finding("warn", f"image cache: {len(leftovers)} leftover partial unpack dir(s) from an interrupted "
+                      "fetch", f"rm -rf {root}/tree/.unpack-*")
+    if not problems:
+        names = {p[0] for p in packages}
+        wanted = {kernel, "busybox-static", "kexec-tools"}
+        if not wanted <= names:
+            yield Finding("fail", f"image cache: manifest lacks {', '.join(sorted(wanted - names))}", fetch)
+        else:
+            yield Finding("ok", f"image cache {root}: {len(packages)} armhf packages, every .deb matches its sha256")
+
+
+def _free(path: Path) -> int:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent  # the dir may not exist yet: its filesystem is the nearest existing parent's
+    return shutil.disk_usage(probe).free
+
+
+def check_disk(out: Path) -> Iterator[Finding]:
+    from .images import cache_dir
+
+    for label, path, elsewhere in (("image cache", cache_dir(), "TESTBENCH_CACHE"), ("output dir", out, "--out")):
+        free = _free(path)
+        if free < LOW_DISK:
+            yield Finding("warn", f"{label} {path}: only {free / (1 << 30):.1f} GiB free (want 2 GiB)",
+                          f"free space there, or point {elsewhere} at a bigger filesystem")
+        else:
+            yield Finding("ok", f"{label} {path}: {free / (1 << 30):.0f} GiB free")
+
+
+def check_python() -> Iterator[Finding]:
+    for deps, level in ((PYTHON_DEPS, "fail"), (DEV_DEPS, "warn")):
+        missing = []
+        for module, dist in deps.items():
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                missing.append(dist)
+        if missing:
+            extra = "[dev]" if deps is DEV_DEPS else ""
+            yield Finding(level, f"Python packages missing: {', '.join(missing)}",
+                          f".venv/bin/pip install -e '.{extra}' (or {SETUP})")
+        else:
+            yield Finding("ok", f"Python packages importable: {', '.join(deps.values())}")
+
+
+def check_tools() -> Iterator[Finding]:
+    missing = {tool: pkg for tool, pkg in HOST_TOOLS.items() if shutil.which(tool) is None}
+    if missing:
+        packages = " ".join(sorted(set(missing.values())))
+        yield Finding("fail", f"host tools missing: {', '.join(missing)}", f"apt-get install {packages}")
+    else:
+        yield Finding("ok", f"host tools present: {', '.join(HOST_TOOLS)}")
+
+
+def diagnose(out: Path) -> list[Finding]:
+    checks: list[Callable[[], Iterator[Finding]]] = [check_qemu, check_armhf, check_cache,
+                                                      lambda: check_disk(out), check_python, check_tools]
+    return [finding for check in checks for finding in check()]
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    findings = diagnose(Path(args.out))
+    for finding in findings:
+        print(finding.line(), flush=True)
+    failed = [f for f in findings if f.level == "fail"]
+    warned = [f for f in findings if f.level == "warn"]
+    if failed:
+        print(f"{len(failed)} problem(s), {len(warned)} warning(s); `{SETUP}` fixes most of them in one go")
+        return 1
+    print(f"ready ({len(warned)} warning(s))")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    doctor = subparsers.add_parser("doctor", help="check QEMU, the image cache, disk, tools and Python deps")
+    doctor.add_argument("--out", default="out", help="output dir whose free space to check (default out)")
+    doctor.set_defaults(func=cmd_doctor)
