@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..qemu import qemu_args
+from .svg import memory_map_svg
 
 if TYPE_CHECKING:
     from ..case import CaseResult, PreparedCase
@@ -48,4 +49,10 @@ def write_case_artifacts(case: "PreparedCase", result: "CaseResult", commands: l
     repro = out / "repro.sh"
     repro.write_text(repro_script(case))
     repro.chmod(0o755)
-    write_json_atomic(out / "result.json", result.to_dict())
+    data = result.to_dict()
+    predicted = data.get("predicted") or {}
+    if predicted.get("layout"):
+        title = f"{case.request.machine.name} {' '.join(case.request.kexec_args) or 'default placement'}: " \
+                f"{result.verdict.verdict} ({result.verdict.phase}); oracle {predicted.get('verdict')}"
+        (out / "layout.svg").write_text(memory_map_svg(predicted["layout"], predicted.get("collisions", []), title))
+    write_json_atomic(out / "result.json", data)
