@@ -20,13 +20,15 @@ from .images import Images
 from .initramfs import build_stage2_initrd, stage1_initramfs
 from .inputs import Input, Loader, check_dtb, check_kexec, describe, existing_file, loader_bundle
 from .machines import Machine
+from .observe import Observer, kernel_log_lines, make_plan
 from .oracle import analyze
 from .qemu import SHARE_TAG, QemuProcess, QemuSpec, qemu_version
 from .report.artifacts import write_case_artifacts
-from .verdict import STAGE2_MARKER, Verdict, judge_stage2, parse_stage2
+from .verdict import STAGE2_MARKER, Verdict, compare_oracle, judge_observation, judge_stage2, parse_stage2
 from .zimage import ZImage, read_zimage
 
 GUEST_SHARE = "/mnt"
+KERNEL_LOG_SPAN = 32 << 20  # RAM above the kernel entry searched for log lines after a silent hang
 # Per-phase deadlines in seconds, before TESTBENCH_TIMEOUT_FACTOR. Measured on 2 TCG cores: stage 1 boots
 # in ~5 s, kexec -l of a 32 MB initrd over 9p takes ~4 s, a stage-2 boot ~7 s plus ~0.1 s per MiB of payload.
 # From "Bye!" to the new kernel's first earlycon line takes ~3 s (handoff + XZ decompression), so 15 s of
@@ -50,6 +52,7 @@ class CaseRequest:
     kexec: Path | None = None  # None: Debian's kexec-tools
     kexec_args: tuple[str, ...] = ()
     gdb: bool = False  # a user's debugger will attach: no deadlines
+    observe: bool = False  # stop at zImage and kernel entry via the gdbstub, dump and diff every segment
 
     @property
     def stage2_cmdline(self) -> str:
@@ -80,9 +83,16 @@ class CaseResult:
     kexec_rc: int | None = None
     loader_version: str | None = None
     qemu_version: str | None = None
+    observed: dict | None = None  # observe.Observation.to_dict(), with --observe
+    oracle: dict | None = None  # verdict.compare_oracle(): does the oracle agree with the emulator?
 
     def to_dict(self) -> dict:
         m = self.request.machine
+        truth = {} if self.observed is None else {
+            "observed": self.observed,
+            "oracle_agrees": self.oracle["agrees"] if self.oracle else None,
+            "oracle_difference": self.oracle["differences"] if self.oracle else None,
+        }
         return {
             **self.verdict.to_dict(),
             "machine": m.name,
@@ -96,6 +106,7 @@ class CaseResult:
             "kexec_rc": self.kexec_rc,
             "loader_version": self.loader_version,
             "qemu_version": self.qemu_version,
+            **truth,
         }
 
 
@@ -110,6 +121,8 @@ def _link_or_copy(source: Path, target: Path) -> None:
 def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
     m = request.machine
     m.check_ram(request.ram)
+    if request.observe and request.gdb:
+        raise UserError("--observe and --gdb both need QEMU's gdbstub; it takes one client: choose one")
     kernel = existing_file(request.kernel or images.zimage, "kernel")
     zimage = read_zimage(kernel)
     loader = check_kexec(request.kexec) if request.kexec else Loader(images.kexec, True, None)
@@ -197,6 +210,8 @@ def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
     load: dict | None = None
     kexec_rc: int | None = None
     verdict = Verdict("error", "boot1", ("bench did not start",))
+    observed: dict | None = None
+    oracle: dict | None = None
     stage2 = None
     loader_version: str | None = None
     prediction: dict | None = None
@@ -205,7 +220,7 @@ def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
     version = ".".join(map(str, qemu_version()))
     phase = "boot1"
     try:
-        with QemuProcess(case.stage1, request.out, debugger_attached=request.gdb) as qemu:
+        with QemuProcess(case.stage1, request.out, gdb=request.observe, debugger_attached=request.gdb) as qemu:
             assert qemu.console is not None
             console = qemu.console
             shell = Shell(console)
@@ -236,26 +251,47 @@ def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
                 tail = " | ".join(debug_text.strip().splitlines()[-3:])
                 verdict = Verdict("fail", "load", (f"kexec -l exited {loaded.rc}: {tail}",))
             else:
+                observer = _observer(case, qemu, log, prediction) if request.observe else None
+                if observer is not None:
+                    observer.arm()
                 say("handoff: kexec -e")
                 t_exec = time.monotonic()
                 start = shell.send(commands[-1])
-                ended_by = _watch_stage2(qemu, start, mib)
+                observation = None
+                resumed_at = None
+                if observer is not None:
+                    observation = observer.observe(t_exec)
+                    resumed_at = time.monotonic()
+                    for stop in observation.stops:
+                        if stop.seconds is not None:
+                            timings[f"stop_{stop.name}"] = stop.seconds
+                    timings["observe"] = resumed_at - t_exec
+                if observation is not None and observation.phase in ("handoff", "decompress"):
+                    ended_by = "observed"  # the stop never came: the VM was halted and dumped
+                else:
+                    ended_by = _watch_stage2(qemu, start, mib, resumed_at)
+                if observation is not None and ended_by in ("silence", "timeout") and qemu.running():
+                    observation = replace(observation, kernel_log=_kernel_log(qemu, observer))
                 timings["stage2"] = time.monotonic() - t_exec
                 after = console.text[start:]
                 verdict = judge_stage2(after, request.stage2_cmdline, case.payload_sha256, ended_by)
                 if verdict.verdict == "fail" and prediction is not None:
                     verdict = replace(verdict, reasons=verdict.reasons + _oracle_reasons(prediction))
+                if observation is not None:
+                    observed = observation.to_dict()
+                    oracle = compare_oracle(observed, prediction)
+                    verdict = judge_observation(verdict, observed, oracle)
                 parsed = parse_stage2(after)
                 stage2 = parsed.to_dict() if parsed else None
     except (ConsoleTimeout, ConsoleClosed) as err:
         # Before kexec -e a hang is the bench's (or stage 1's) problem; after it, it is the finding.
         verdict = Verdict("error", phase, (str(err).splitlines()[0],))
-    except BenchError as err:
+    except BenchError as err:  # GdbError included: the observation itself broke
         verdict = Verdict("error", phase, (str(err),))
     timings["total"] = sum(v for k, v in timings.items() if k != "total")
     result = CaseResult(request=request, verdict=verdict, timings=timings, inputs=case.inputs, load=load,
                         stage2=stage2, kexec_rc=kexec_rc, qemu_version=version, predicted=prediction,
-                        loader_version=loader_version)
+                        loader_version=loader_version, observed=observed, oracle=oracle)
     write_case_artifacts(case, result, commands)
     return result
 
@@ -287,23 +323,55 @@ def _oracle_reasons(prediction: dict) -> tuple[str, ...]:
     return tuple(f"oracle: {c['a']} x {c['b']} [{c['start']:#x}, {c['end']:#x}) fatal" for c in fatal)
 
 
-def _watch_stage2(qemu: QemuProcess, start: int, mib: int) -> str:
+def _observer(case: PreparedCase, qemu: QemuProcess, log: kexeclog.KexecLog | None,
+              prediction: dict | None) -> Observer | None:
+    if log is None or log.entry is None and log.kernel is None:
+        raise BenchError("--observe: the kexec --debug output has no entry address to stop at")
+    m = case.request.machine
+    plan = make_plan(log, case.zimage, (m.ram_base, m.ram_base + case.request.ram), prediction,
+                     {"kernel": case.share / "zImage", "initrd": case.share / "initrd.img"},
+                     case.request.stage2_cmdline)
+    return Observer(qemu.sockets.gdb, qemu.pmemsave, plan, case.request.out / "observe")
+
+
+def _kernel_log(qemu: QemuProcess, observer: Observer) -> tuple[str, ...]:
+    """After a silent stage 2: halt the VM (gdb has detached, so QMP owns it now) and grep the kernel's
+    RAM for log lines; the log buffer lies in the kernel's data/bss above the kernel entry."""
+    assert qemu.qmp is not None
+    plan = observer.plan
+    ram_end = plan.fill[1] if plan.fill else plan.kernel_entry + KERNEL_LOG_SPAN
+    size = max(0, min(KERNEL_LOG_SPAN, ram_end - plan.kernel_entry))
+    try:
+        qemu.qmp.cmd("stop")
+        path = observer.out / "silent-kernel-ram.bin"
+        qemu.pmemsave(plan.kernel_entry, size, path)
+        lines = kernel_log_lines(path.read_bytes())
+        path.unlink()
+        return lines
+    except Exception as err:  # QEMU may exit under us (panic=-1): a missing post-mortem is not an error
+        return (f"(no post-mortem dump: {err})",)
+
+
+def _watch_stage2(qemu: QemuProcess, start: int, mib: int, resumed_at: float | None = None) -> str:
     """Read the console after kexec -e until the marker, QEMU's exit, silence, or the deadline.
 
     Silence only ends the wait before the new kernel has printed anything: that is the hang this bench
     exists for (a clobbered DTB or decompressor). Later quiet stretches (initramfs unpacking, the payload
-    checksum) are legitimate and only the phase deadline applies to them.
+    checksum) are legitimate and only the phase deadline applies to them. `resumed_at` is when the
+    observer let the VM go: the time gdb held it stopped is not guest silence, and not stage-2 time.
     """
     console = qemu.console
     assert console is not None
     budget = TIMEOUTS["stage2_base"] + TIMEOUTS["stage2_per_mib"] * mib
     deadline = None if console.no_deadlines else time.monotonic() + budget * timeout_factor()
+    quiet_since = resumed_at or 0.0
     silence = TIMEOUTS["silence"] * timeout_factor()
     while True:
         try:
             found = console.wait_for(STAGE2_MARKER, 1.0, "stage 2", start, fail_on_close=False)
         except ConsoleTimeout:
-            if (not console.no_deadlines and console.quiet_for() > silence
+            quiet = time.monotonic() - max(console.last_data_at, quiet_since)
+            if (not console.no_deadlines and quiet > silence
                     and "Booting Linux" not in console.text[start:]):
                 return "silence"
             if deadline is not None and time.monotonic() > deadline:
