@@ -1,0 +1,192 @@
+"""A matrix of cases from a TOML file: axes, exclusions, expected verdicts; `testbench matrix` runs it.
+
+Each cell runs as its own `testbench run` process (so a crash or a hang stays inside one cell, and the
+runner's PR_SET_PDEATHSIG chain kills every QEMU if the matrix itself is killed), N at a time, with a live
+progress line. The results land in DIR/results.json and DIR/index.html, one artifact dir per cell.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .sizes import parse_size
+
+DEFAULT_MATRIX = Path(__file__).resolve().parent.parent / "images" / "matrix.toml"
+AXES = ("machine", "ram", "initrd", "placement", "kernel", "kexec")
+QEMU_DTB_SIZE = 0x101000  # QEMU's 1 MiB virt DTB plus kexec's bootargs/initrd properties
+BOARD_DTB_SIZE = 0x10000  # a vexpress DTB with kexec's additions stays well below 64 KiB
+STAGE2_BASE = 1 << 20  # busybox and init around the payload; only moves where the DTB lands
+
+
+@dataclass(frozen=True)
+class Cell:
+    machine: str
+    ram: str
+    initrd: str
+    placement: str  # "default", "advised", or literal kexec args such as "--image-size=0x2000000"
+    kernel: str = "debian"
+    kexec: str = "debian"
+    expect: str | None = None
+
+    @property
+    def id(self) -> str:
+        parts = [self.machine, self.ram, Path(self.kernel).name, f"initrd{self.initrd}",
+                 "imagesize" if self.placement == "advised" else self.placement.lstrip("-").replace("=", "")]
+        if self.kexec != "debian":
+            parts.append(f"kexec-{Path(self.kexec).name}")
+        return "-".join(parts)
+
+    def to_dict(self) -> dict:
+        return {axis: getattr(self, axis) for axis in AXES} | {"id": self.id, "expect": self.expect}
+
+
+def _matches(rule: dict, values: dict) -> bool:
+    return all(str(values.get(k)) == str(v) for k, v in rule.items() if k != "verdict")
+
+
+def load_matrix(path: Path | None = None, only: dict[str, list[str]] | None = None) -> list[Cell]:
+    path = path or DEFAULT_MATRIX
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"matrix file {path}: no such file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"matrix file {path}: {err}") from None
+    axes = data.get("axes", {})
+    unknown = set(axes) - set(AXES)
+    if unknown:
+        raise UserError(f"matrix file {path}: unknown axes {sorted(unknown)}; known: {', '.join(AXES)}")
+    for axis, values in (only or {}).items():
+        if values:
+            axes[axis] = values
+    lists = [axes.get(axis, [Cell.__dataclass_fields__[axis].default]) for axis in AXES]
+    cells = []
+    for combo in itertools.product(*lists):
+        values = dict(zip(AXES, combo, strict=True))
+        if any(_matches(rule, values) for rule in data.get("exclude", [])):
+            continue
+        expect = next((rule["verdict"] for rule in data.get("expect", []) if _matches(rule, values)), None)
+        cells.append(Cell(**values, expect=expect))
+    return cells
+
+
+def kexec_args_for(cell: Cell) -> list[str]:
+    """The kexec -l arguments of a cell; `advised` asks the oracle for this cell's smallest safe size."""
+    if cell.placement == "default":
+        return []
+    if cell.placement != "advised":
+        return cell.placement.split()
+    from .images import load_images
+    from .machines import get_machine
+    from .oracle import advise
+    from .zimage import read_zimage
+
+    machine = get_machine(cell.machine)
+    kernel = load_images().zimage if cell.kernel == "debian" else Path(cell.kernel)
+    ram = [(machine.ram_base, machine.ram_base + parse_size(cell.ram))]
+    dtb = QEMU_DTB_SIZE if machine.qemu_generates_dtb else BOARD_DTB_SIZE
+    advice = advise(read_zimage(kernel), ram, "2.0.25", initrd_size=parse_size(cell.initrd) + STAGE2_BASE,
+                    dtb_size=dtb)
+    return [f"--image-size={advice.image_size:#x}"] if advice.needed else []
+
+
+def run_command(cell: Cell, out: Path) -> list[str]:
+    args = [sys.executable, "-m", "testbench.cli", "run", "--machine", cell.machine, "--ram", cell.ram,
+            "--initrd-size", cell.initrd, "--kernel", cell.kernel, "--kexec", cell.kexec, "--out", str(out)]
+    extra = kexec_args_for(cell)
+    return args + ([f"--kexec-args={' '.join(extra)}"] if extra else [])
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    # SIGTERM, not SIGKILL: the cell's runner must get the chance to stop its own QEMU.
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)
+
+
+def run_cell(cell: Cell, out: Path) -> dict:
+    """Run one cell in its own process; returns its result.json (or an `error` record)."""
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    try:
+        command = run_command(cell, out)
+    except UserError as err:
+        return {"cell": cell.to_dict(), "verdict": "error", "phase": "boot1", "reasons": [str(err)]}
+    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=_die_with_parent)
+    result_path = out / "result.json"
+    if result_path.exists():
+        result = json.loads(result_path.read_text())
+    else:
+        result = {"verdict": "error", "phase": "boot1", "reasons": [done.stderr.strip()[-500:] or
+                                                                    f"runner exited {done.returncode}"]}
+    result["cell"] = cell.to_dict()
+    result["wall_seconds"] = round(time.monotonic() - started, 2)
+    result["expected_ok"] = cell.expect is None or result["verdict"] == cell.expect
+    return result
+
+
+def run_matrix(cells: list[Cell], out: Path, jobs: int, progress=None) -> list[dict]:
+    results: list[dict] = []
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(run_cell, cell, out / cell.id): cell for cell in cells}
+        for future in as_completed(futures):
+            results.append(future.result())
+            if progress:
+                progress(len(results), len(cells), results[-1], time.monotonic() - started)
+    order = {cell.id: i for i, cell in enumerate(cells)}
+    return sorted(results, key=lambda r: order[r["cell"]["id"]])
+
+
+def _progress(done: int, total: int, result: dict, elapsed: float) -> None:
+    counts = f"{result['cell']['id']}: {result['verdict']}"
+    line = f"\r[{done}/{total}] {elapsed:6.0f}s  {counts:<70}"
+    end = "\n" if done == total or not sys.stderr.isatty() else ""
+    print(line if sys.stderr.isatty() else line.lstrip("\r"), end=end, file=sys.stderr, flush=True)
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from .images import load_images
+    from .report.html import write_matrix_report
+
+    load_images()  # a missing cache is one clear line here, not 54 errors
+    only = {axis: getattr(args, axis) for axis in ("machine", "ram", "initrd", "placement")}
+    cells = load_matrix(Path(args.config) if args.config else None, only)
+    out = Path(args.out) if args.out else Path("out") / f"matrix-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = args.jobs or max(1, (os.cpu_count() or 2))
+    print(f"[testbench] {len(cells)} cells, {jobs} at a time, into {out}", file=sys.stderr)
+    started = time.monotonic()
+    results = run_matrix(cells, out, jobs, _progress)
+    wall = time.monotonic() - started
+    summary = {"cells": len(results), "wall_seconds": round(wall, 1),
+               "verdicts": {v: sum(r["verdict"] == v for r in results) for v in ("pass", "fail", "error")},
+               "unexpected": [r["cell"]["id"] for r in results if not r["expected_ok"]]}
+    (out / "results.json").write_text(json.dumps({"summary": summary, "results": results}, indent=2) + "\n")
+    write_matrix_report(out, results, summary)
+    print(f"{summary['cells']} cells in {wall:.0f}s: {summary['verdicts']}; "
+          f"unexpected verdicts: {len(summary['unexpected'])}")
+    for cell_id in summary["unexpected"]:
+        print(f"  unexpected: {cell_id}")
+    print(f"report: {out / 'index.html'}")
+    return 1 if summary["unexpected"] or summary["verdicts"]["error"] else 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("matrix", help="run a matrix of cases and write an HTML report")
+    parser.add_argument("--config", help="matrix TOML (default images/matrix.toml)")
+    parser.add_argument("-n", "--jobs", type=int, help="cells at a time (default: the number of cores)")
+    parser.add_argument("--out", help="report dir (default out/matrix-<time>)")
+    for axis in ("machine", "ram", "initrd", "placement"):
+        parser.add_argument(f"--{axis}", action="append", help=f"only these {axis} values (repeatable)")
+    parser.set_defaults(func=cmd_matrix)
