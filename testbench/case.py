@@ -288,7 +288,8 @@ def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
         verdict = Verdict("error", phase, (str(err).splitlines()[0],))
     except BenchError as err:  # GdbError included: the observation itself broke
         verdict = Verdict("error", phase, (str(err),))
-    timings["total"] = sum(v for k, v in timings.items() if k != "total")
+    # stop_* and observe lie inside stage2 (kexec -e to the end): not added twice
+    timings["total"] = sum(v for k, v in timings.items() if k in ("boot1", "load", "stage2"))
     result = CaseResult(request=request, verdict=verdict, timings=timings, inputs=case.inputs, load=load,
                         stage2=stage2, kexec_rc=kexec_rc, qemu_version=version, predicted=prediction,
                         loader_version=loader_version, observed=observed, oracle=oracle)

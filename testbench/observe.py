@@ -203,8 +203,11 @@ def dtb_problems(path: Path, initrd: SegmentSpec | None, bootargs: str | None) -
 def kernel_log_lines(data: bytes) -> tuple[str, ...]:
     seen: list[str] = []
     for m in re.finditer(LOG_PATTERNS, data):
+        # The kernel's .rodata holds the same words as printk formats; a format has a '%' before its NUL
+        # (often on a later line), a log record has none.
+        tail = data[m.start():m.start() + 256].split(b"\0", 1)[0]
         line = m.group(0).decode(errors="replace").strip()
-        if line not in seen:
+        if b"%" not in tail and line not in seen:
             seen.append(line)
     return tuple(seen[:12])
 
@@ -218,17 +221,28 @@ class Observer:
         self.out = out
         self.pmemsave = pmemsave
         self.gdb = GdbStub(gdb_socket)
-        self.armed = False
+        self.entry_break = True
 
     def arm(self) -> None:
-        """Attach (the VM stops) and set both breakpoints; the caller then resumes with `resume_for_exec`."""
+        """Attach (the VM stops), set both breakpoints, and let stage 1 run on to take `kexec -e`."""
         self.out.mkdir(parents=True, exist_ok=True)
         self.gdb.connect()
         self.gdb.set_hw_break(self.plan.entry)
         if self.plan.kernel_entry != self.plan.entry:
             self.gdb.set_hw_break(self.plan.kernel_entry)
-        self.gdb.cont()  # attaching stopped the VM; stage 1 must keep running to take `kexec -e`
-        self.armed = True
+        self.gdb.cont()
+
+    def arm_at_entry(self, registers: dict[str, int]) -> Stop:
+        """Replay: the VM is paused before its first instruction. Set the boot registers and only the kernel
+        breakpoint; the paused state itself is the first stop (no QEMU boot code runs before it)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.entry_break = False
+        self.gdb.connect()
+        for name, value in registers.items():
+            self.gdb.write_register(name, value)
+        self.gdb.set_hw_break(self.plan.kernel_entry)
+        regs = self.gdb.registers()
+        return Stop(0, regs[15], regs, time.monotonic())
 
     def close(self) -> None:
         self.gdb.close()
@@ -285,17 +299,18 @@ class Observer:
             self.gdb.write_memory(s, PATTERN * ((e - s) // 4))
         return gaps
 
-    def observe(self, exec_at: float) -> Observation:
+    def observe(self, exec_at: float, first: Stop | None = None) -> Observation:
         """Wait for both stops (the VM is running kexec -e), dump, diff, and leave the VM running."""
         factor = timeout_factor()
-        stop1 = self.gdb.wait_stop(STOP_DEADLINES["handoff"] * factor)
+        stop1 = first or self.gdb.wait_stop(STOP_DEADLINES["handoff"] * factor)
         report1 = self._check_stop("zimage", self.plan.entry, stop1, stop1.at - exec_at if stop1 else None)
         if stop1 is None:
             return self._hung("handoff", (report1,), (), ())
         first = self._dump_segments("stop1")
         fidelity = self._fidelity(first)
         gaps = self._fill()
-        self.gdb.remove_hw_break(self.plan.entry)  # or the CPU stops here again at once
+        if self.entry_break:
+            self.gdb.remove_hw_break(self.plan.entry)  # or the CPU stops here again at once
         resumed = time.monotonic()
         self.gdb.cont()
         stop2 = self.gdb.wait_stop(STOP_DEADLINES["decompress"] * factor)

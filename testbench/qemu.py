@@ -35,11 +35,13 @@ PR_SET_PDEATHSIG = 1
 class QemuSpec:
     machine: Machine
     ram: int
-    kernel: Path
-    initrd: Path
+    kernel: Path | None  # None: no -kernel, nothing boots by itself (replay: `loaders` + the gdbstub)
+    initrd: Path | None
     append: str
     dtb: Path | None
     share: Path | None
+    # (file, address): raw images put in RAM by the generic loader device, for replaying a placement
+    loaders: tuple[tuple[Path, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,14 @@ def qemu_args(spec: QemuSpec, sockets: Sockets | None, gdb: bool = False) -> lis
     """The full command line. Without sockets it is the hand-run form used by repro.sh (console on stdio)."""
     m = spec.machine
     args = [QEMU_BINARY, "-M", m.qemu_machine, "-cpu", m.cpu, "-m", f"{spec.ram >> 20}M", "-smp", str(m.smp),
-            *m.qemu_args, "-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", spec.append]
-    if spec.dtb is not None:
+            *m.qemu_args]
+    if spec.kernel is not None:
+        args += ["-kernel", str(spec.kernel), "-append", spec.append]
+        if spec.initrd is not None:
+            args += ["-initrd", str(spec.initrd)]
+    for path, address in spec.loaders:
+        args += ["-device", f"loader,file={path},addr={address:#x},force-raw=on"]
+    if spec.dtb is not None and spec.kernel is not None:
         args += ["-dtb", str(spec.dtb)]
     if spec.share is not None:
         args += ["-fsdev", f"local,id=tbfs,path={spec.share},security_model=none",
