@@ -1,2 +1,70 @@
-def pytest_addoption(parser):  # placeholder, filled by the matrix work
-    pass
+"""pytest plugin (entry point pytest11): one test per matrix cell, with JUnit provenance.
+
+A test that takes the `tb_cell` argument is parametrised over the matrix (`--tb-matrix`, narrowed by the
+axis options); the `tb_result` fixture runs that cell in its own `testbench run` process and returns its
+result.json. Every cell records its inputs (names, versions, sha256), QEMU version, verdict and phase as
+JUnit properties, and a failing cell names its artifact dir. Cells run in separate processes with their
+own dirs and unix sockets, so `pytest -n auto` is safe.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from .matrix import Cell, load_matrix, run_cell
+
+AXIS_OPTIONS = {"machine": "--tb-machine", "ram": "--tb-ram", "initrd": "--tb-initrd-size",
+                "placement": "--tb-placement", "kernel": "--tb-kernel", "kexec": "--tb-kexec"}
+CI_MATRIX = Path(__file__).resolve().parent.parent / "images" / "matrix-ci.toml"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("testbench", "testbench kexec matrix")
+    group.addoption("--tb-matrix", help="matrix TOML for tb_cell tests (default images/matrix-ci.toml)")
+    group.addoption("--tb-out", help="keep every cell's artifacts under this dir (default: pytest's tmp dir)")
+    for axis, option in AXIS_OPTIONS.items():
+        group.addoption(option, action="append", help=f"only these {axis} values (repeatable)")
+    group.addoption("--tb-kexec-args", action="append",
+                    help='a placement given as literal kexec arguments, e.g. "--image-size=0x2000000" (repeatable)')
+
+
+def _cells(config: pytest.Config) -> list[Cell]:
+    only = {axis: config.getoption(option) for axis, option in AXIS_OPTIONS.items()}
+    if config.getoption("--tb-kexec-args"):
+        only["placement"] = (only.get("placement") or []) + config.getoption("--tb-kexec-args")
+    path = config.getoption("--tb-matrix")
+    return load_matrix(Path(path) if path else CI_MATRIX, only)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "tb_cell" in metafunc.fixturenames:
+        cells = _cells(metafunc.config)
+        metafunc.parametrize("tb_cell", cells, ids=[cell.id for cell in cells])
+
+
+@pytest.fixture
+def tb_result(tb_cell: Cell, request: pytest.FixtureRequest, tmp_path: Path, record_property) -> dict:
+    base = request.config.getoption("--tb-out")
+    out = Path(base) / tb_cell.id if base else tmp_path / tb_cell.id
+    request.node.tb_artifacts = out
+    result = run_cell(tb_cell, out)
+    for role, item in (result.get("inputs") or {}).items():
+        record_property(f"input.{role}", f"{os.path.basename(item['path'])} {item.get('version') or ''} "
+                                         f"sha256:{item['sha256']}".replace("  ", " "))
+    record_property("loader_version", result.get("loader_version"))
+    record_property("qemu_version", result.get("qemu_version"))
+    record_property("verdict", result["verdict"])
+    record_property("phase", result.get("phase"))
+    record_property("expected", tb_cell.expect)
+    record_property("artifacts", str(out))
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    artifacts = getattr(item, "tb_artifacts", None)
+    if artifacts is not None and report.failed:
+        report.sections.append(("testbench artifacts", f"cell artifacts: {artifacts}"))
+    return report
