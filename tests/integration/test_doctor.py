@@ -4,12 +4,13 @@ or in a private copy of the cache, never by touching the real cache."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from cache_mirror import mirror_cache
 
 from testbench.images import Images
 
@@ -55,21 +56,9 @@ def test_missing_qemu_names_apt_get(tmp_path: Path, images: Images) -> None:
     assert "qemu-system-arm" in failures[0] and "apt-get install qemu-system-arm" in failures[0]
 
 
-def _mirror_cache(real: Path, fake: Path) -> dict:
-    """A cache whose debs and trees are symlinks into the real one: cheap, and the real cache stays intact."""
-    (fake / "debs").mkdir(parents=True)
-    (fake / "tree").mkdir()
-    manifest = json.loads((real / "manifest.json").read_text())
-    for package in manifest["packages"]:
-        (fake / "debs" / package["deb"]).symlink_to(real / "debs" / package["deb"])
-        (fake / "tree" / package["tree"]).symlink_to(real / "tree" / package["tree"])
-    (fake / "manifest.json").write_text(json.dumps(manifest))
-    return manifest
-
-
 def test_corrupt_deb_is_named(tmp_path: Path, images: Images) -> None:
     fake = tmp_path / "cache"
-    manifest = _mirror_cache(images.root, fake)
+    manifest = mirror_cache(images.root, fake)
     victim = fake / "debs" / manifest["packages"][0]["deb"]
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -1,0 +1,22 @@
+"""A private image cache whose .debs and unpacked trees are symlinks into the real one.
+
+Cheap (no copy of ~45 MB of packages or ~100 MB of trees) and safe: tests damage or rebuild entries of the
+mirror, and everything the bench writes (manifest, initramfs, loader bundle, replaced .debs) lands in the
+mirror, never in the real cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def mirror_cache(real: Path, fake: Path) -> dict:
+    (fake / "debs").mkdir(parents=True)
+    (fake / "tree").mkdir()
+    manifest = json.loads((real / "manifest.json").read_text())
+    for package in manifest["packages"]:
+        (fake / "debs" / package["deb"]).symlink_to(real / "debs" / package["deb"])
+        (fake / "tree" / package["tree"]).symlink_to(real / "tree" / package["tree"])
+    (fake / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
