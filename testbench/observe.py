@@ -232,12 +232,14 @@ class Observer:
             self.gdb.set_hw_break(self.plan.kernel_entry)
         self.gdb.cont()
 
-    def arm_at_entry(self, registers: dict[str, int]) -> Stop:
-        """Replay: the VM is paused before its first instruction. Set the boot registers and only the kernel
-        breakpoint; the paused state itself is the first stop (no QEMU boot code runs before it)."""
+    def arm_at_entry(self, registers: dict[str, int], writes: dict[int, bytes]) -> Stop:
+        """Replay: the VM is paused before its first instruction. Write `writes` into RAM, set the boot
+        registers and only the kernel breakpoint; the paused state itself is the first stop."""
         self.out.mkdir(parents=True, exist_ok=True)
         self.entry_break = False
         self.gdb.connect()
+        for address, data in writes.items():
+            self.gdb.write_memory(address, data)
         for name, value in registers.items():
             self.gdb.write_register(name, value)
         self.gdb.set_hw_break(self.plan.kernel_entry)

@@ -166,7 +166,11 @@ class QemuProcess:
                 raise BenchError("QEMU did not create its sockets within 30s")
             time.sleep(0.02)
         self.qmp = QEMUMonitorProtocol(str(self.sockets.qmp))
-        self.qmp.connect()
+        try:
+            self.qmp.connect()
+        except Exception as err:  # QEMU died while starting (a bad -device, overlapping ROMs): say why
+            self.proc.wait(timeout=5)
+            raise BenchError(f"QEMU exited at start ({type(err).__name__}): {self.stderr_tail()}") from None
         self.console = Console(self.sockets.console, self.case_dir / "console.log", self.debugger_attached)
 
     def stderr_tail(self) -> str:

@@ -34,6 +34,7 @@ from .zimage import read_zimage
 # r2 = DTB. CPSR = SVC mode with IRQ, FIQ and async aborts masked, as a bootloader leaves it.
 R1_NO_MACHINE = 0xFFFFFFFF
 CPSR_SVC_MASKED = 0x1D3
+QEMU_DTB_ROM = 1 << 20  # virt without -kernel: its DTB blob at RAM base (hw/arm/virt.c, for firmware)
 
 
 def _address(text: str, base: int, what: str) -> int:
@@ -155,14 +156,21 @@ def replay(args: argparse.Namespace) -> dict:
                    decompressor_copy=None, format="replay")
     prediction = analyze(log, zimage=zimage).to_dict()
     plan = make_plan(log, zimage, ram_range, prediction, files, bootargs)
+    # Without -kernel, QEMU's virt puts its own DTB as a 1 MiB ROM blob at RAM base (for firmware), and a
+    # loader image overlapping it makes QEMU refuse to start. Such files are written over the gdbstub
+    # instead, after reset has copied the blob in, so ours win. Everything else uses the loader device.
+    rom = (m.ram_base, m.ram_base + QEMU_DTB_ROM) if m.qemu_generates_dtb else (0, 0)
+    by_gdb = {r: v for r, v in placed.items() if v[0] < rom[1] and v[0] + v[1] > rom[0]}
     spec = QemuSpec(machine=m, ram=ram, kernel=None, initrd=None, append="", dtb=None, share=None,
-                    loaders=tuple((files[role], a) for role, (a, _n) in placed.items()))
+                    loaders=tuple((files[r], a) for r, (a, _n) in placed.items() if r not in by_gdb))
     t0 = time.monotonic()
     with QemuProcess(spec, out, gdb=True) as qemu:
         observer = Observer(qemu.sockets.gdb, qemu.pmemsave, plan, out / "observe")
         try:
-            first = observer.arm_at_entry({"r0": 0, "r1": R1_NO_MACHINE, "r2": placed["dtb"][0],
-                                           "cpsr": CPSR_SVC_MASKED, "pc": placed["kernel"][0]})
+            first = observer.arm_at_entry(
+                {"r0": 0, "r1": R1_NO_MACHINE, "r2": placed["dtb"][0], "cpsr": CPSR_SVC_MASKED,
+                 "pc": placed["kernel"][0]},
+                {placed[r][0]: files[r].read_bytes() for r in by_gdb})
             observation = observer.observe(first.at, first)
         finally:
             observer.close()
