@@ -46,6 +46,7 @@ def _run_one(args: argparse.Namespace, machine_name: str, ram: str | None, kexec
         kexec=kexec,
         kexec_args=kexec_args,
         gdb=getattr(args, "gdb", False),
+        observe=getattr(args, "observe", False),
     )
     case = prepare_case(request, images)
     return run_case(case, say=(lambda s: None) if quiet else (lambda s: _say(f"{machine_name}: {s}")))
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--kexec-args", default="", help='extra kexec -l arguments, e.g. "--image-size=0x2000000"')
     run.add_argument("--out", help="artifact dir (default out/<machine>-<time>)")
     run.add_argument("--gdb", action="store_true", help="a debugger will attach: disable all deadlines")
+    run.add_argument("--observe", action="store_true",
+                     help="stop at zImage and kernel entry via the gdbstub, dump and diff every segment, and "
+                          "check the oracle against it (~4 s more)")
     run.set_defaults(func=cmd_run)
 
     images = sub.add_parser("images", help="fetch or list the Debian armhf inputs in the image cache")
