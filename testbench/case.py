@@ -28,6 +28,7 @@ from .verdict import STAGE2_MARKER, Verdict, compare_oracle, judge_observation, 
 from .zimage import ZImage, read_zimage
 
 GUEST_SHARE = "/mnt"
+TAIL_IN_REASONS = 15  # console lines quoted in a hang's reasons (console.log has them all)
 KERNEL_LOG_SPAN = 32 << 20  # RAM above the kernel entry searched for log lines after a silent hang
 # Per-phase deadlines in seconds, before TESTBENCH_TIMEOUT_FACTOR. Measured on 2 TCG cores: stage 1 boots
 # in ~5 s, kexec -l of a 32 MB initrd over 9p takes ~4 s (100 MB took 48 s with the host fully loaded, hence
@@ -221,8 +222,12 @@ def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
     version = ".".join(map(str, qemu_version()))
     phase = "boot1"
     try:
-        with QemuProcess(case.stage1, request.out, gdb=request.observe, debugger_attached=request.gdb) as qemu:
+        # --gdb opens the gdbstub for the user (and lifts every deadline); --observe uses it itself.
+        with QemuProcess(case.stage1, request.out, gdb=request.observe or request.gdb,
+                         debugger_attached=request.gdb) as qemu:
             assert qemu.console is not None
+            if request.gdb:
+                say(f"gdbstub for you: gdb-multiarch -ex 'target remote {qemu.sockets.gdb}' (no deadlines)")
             console = qemu.console
             shell = Shell(console)
             t0 = time.monotonic()
@@ -286,7 +291,10 @@ def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
                 stage2 = parsed.to_dict() if parsed else None
     except (ConsoleTimeout, ConsoleClosed) as err:
         # Before kexec -e a hang is the bench's (or stage 1's) problem; after it, it is the finding.
-        verdict = Verdict("error", phase, (str(err).splitlines()[0],))
+        tail = "\n".join(err.tail.splitlines()[-TAIL_IN_REASONS:])
+        headline = str(err).splitlines()[0].removesuffix("; last console lines:")
+        quoted = f"last console lines:\n{tail}" if tail.strip() else "the console printed nothing"
+        verdict = Verdict("error", phase, (headline, quoted))
     except BenchError as err:  # GdbError included: the observation itself broke
         verdict = Verdict("error", phase, (str(err),))
     # stop_* and observe lie inside stage2 (kexec -e to the end): not added twice
