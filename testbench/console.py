@@ -57,7 +57,7 @@ class Console:
     def __init__(self, sock_path: Path, log_path: Path, debugger_attached: bool = False):
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.connect(str(sock_path))
-        self._log = log_path.open("ab", buffering=0)
+        self._log = log_path.open("wb", buffering=0)  # one run per case dir: a rerun replaces the log
         self._text = ""
         self._closed = False
         self.last_data_at = time.monotonic()

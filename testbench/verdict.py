@@ -35,7 +35,10 @@ SIGNATURES = (
               "DTB clobbered or not passed: the kernel says '{0}'"),
     Signature("kernel", r"INITRD: (0x[0-9a-f]+\+0x[0-9a-f]+) overlaps in-use memory region",
               "initrd overlaps the kernel ({1}): the kernel disabled the initrd"),
-    Signature("kernel", r"Initramfs unpacking failed: ([^\n]*)",
+    # "write error" is the rootfs running out of memory while unpacking: too little RAM, not a clobber.
+    Signature("kernel", r"Initramfs unpacking failed: write error",
+              "initramfs did not fit in RAM (Initramfs unpacking failed: write error): RAM too small for this initrd"),
+    Signature("kernel", r"Initramfs unpacking failed: (?!write error)([^\n]*)",
               "initrd clobbered: Initramfs unpacking failed: {1}"),
     Signature("kernel", r"Unable to handle kernel [^\n]*", "kernel oops: {0}"),
     Signature("kernel", r"Kernel panic - not syncing: ([^\n]*)", "Kernel panic: {1}"),
@@ -112,7 +115,7 @@ def judge_stage2(after_exec: str, expected_cmdline: str, expected_payload_sha256
             problems.append(f"command line differs: got {stage2.cmdline!r}, requested {expected_cmdline!r}")
         if expected_payload_sha256 is not None and stage2.payload_sha256 != expected_payload_sha256:
             problems.append(f"initrd payload sha256 {stage2.payload_sha256 or 'missing'} != "
-                            f"host {expected_payload_sha256}: the initrd was clobbered")
+                            f"host {expected_payload_sha256}: the payload the second kernel sees is not the one loaded")
         if problems:
             return Verdict("fail", "init", tuple(problems + reasons))
         return Verdict("pass", "init", ("stage-2 init reached; initrd payload and command line intact",))
