@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .images import sha256_file
 
 LOW_DISK = 2 << 30
 SETUP = "scripts/setup"
@@ -86,10 +87,6 @@ def check_armhf() -> Iterator[Finding]:
         yield Finding("ok", "dpkg foreign architecture armhf enabled")
 
 
-def _sha256(path: Path) -> str:
-    from .inputs import sha256_file
-
-    return sha256_file(path)
 
 
 def check_cache() -> Iterator[Finding]:
@@ -117,7 +114,7 @@ def check_cache() -> Iterator[Finding]:
         if not deb_path.is_file():
             problems += 1
             yield Finding("fail", f"image cache: {deb} is missing", fetch)
-        elif _sha256(deb_path) != sha:
+        elif sha256_file(deb_path) != sha:
             problems += 1
             yield Finding("fail", f"image cache: {deb} does not match its sha256 in the manifest",
                           f"rm {deb_path} && {fetch}")

@@ -176,7 +176,7 @@ def resolve_package_set() -> tuple[str, dict[str, dict[str, str]]]:
 # --- fetching -------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -206,12 +206,12 @@ def _fetch_one(root: Path, fields: dict[str, str], say: Callable[[str], None]) -
     debs.mkdir(exist_ok=True)
     trees.mkdir(exist_ok=True)
     deb = debs / f"{name}_{version.replace(':', '%3a')}_{ARCH}.deb"
-    if not (deb.exists() and _sha256(deb) == sha):
+    if not (deb.exists() and sha256_file(deb) == sha):
         say(f"downloading {name} {version} ({int(fields.get('Size', 0)) >> 10} KiB)")
         with tempfile.TemporaryDirectory(dir=debs) as tmp:
             _run(["apt-get", "download", f"{name}:{ARCH}={version}"], cwd=Path(tmp))
             got = next(Path(tmp).glob("*.deb"))
-            if _sha256(got) != sha:
+            if sha256_file(got) != sha:
                 raise BenchError(f"{got.name}: sha256 differs from apt's metadata; refusing to use it")
             os.replace(got, deb)
     tree = trees / sha

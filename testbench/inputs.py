@@ -4,7 +4,6 @@ Every check fails with one UserError line; every accepted file is described by a
 so result.json says exactly what ran.
 """
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from .errors import UserError
-from .images import Images
+from .images import Images, sha256_file
 
 FDT_MAGIC = b"\xd0\x0d\xfe\xed"
 # dtc reads a DTB of a few hundred KiB in milliseconds; this only bounds a pathological input.
@@ -32,14 +31,6 @@ class Input:
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "sha256": self.sha256, "size": self.size, "version": self.version}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def describe(role: str, path: Path, version: str | None = None) -> Input:

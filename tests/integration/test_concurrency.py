@@ -21,7 +21,7 @@ from cache_mirror import mirror_cache
 
 from testbench import images as images_module
 from testbench.errors import BenchError, UserError
-from testbench.images import Images, _sha256, _write_json_atomic, fetch_images, load_images
+from testbench.images import Images, _write_json_atomic, fetch_images, load_images, sha256_file
 
 ROOMY = "--kexec-args=--image-size=0x2000000"
 
@@ -49,7 +49,7 @@ def test_two_runs_at_once_on_one_fresh_cache(tmp_path: Path, images: Images) -> 
         result = json.loads((out / "result.json").read_text())
         assert result["verdict"] == "pass" and result["phase"] == "init", result["reasons"]
         assert result["stage2"]["payload_sha256"], result["stage2"]
-        assert result["inputs"]["kernel"]["sha256"] == _sha256(images.zimage)
+        assert result["inputs"]["kernel"]["sha256"] == sha256_file(images.zimage)
     # One shared build of each guest image, no temp files left from the race.
     assert len(list((cache / "initramfs").glob("*.cpio.gz"))) == 2
     assert not [p.name for p in (cache / "initramfs").iterdir() if p.name.startswith(".")]
@@ -130,7 +130,7 @@ def test_parallel_fetches_repair_a_damaged_cache_once(tmp_path: Path, images: Im
     # Serialised by the lock: the first fetcher re-downloaded the bad .deb, the second found it verified.
     assert fake_mirror["log"].read_text().split() == ["libuuid1"]
     package = next(p for p in manifest["packages"] if p["name"] == "libuuid1")
-    assert _sha256(deb) == package["sha256"]
+    assert sha256_file(deb) == package["sha256"]
     assert tree.is_dir() and not tree.is_symlink() and any(tree.rglob("libuuid.so.1*"))
     written = json.loads((cache / "manifest.json").read_text())
     assert written["packages"] == manifest["packages"]
