@@ -290,7 +290,8 @@ def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
                 parsed = parse_stage2(after)
                 stage2 = parsed.to_dict() if parsed else None
     except (ConsoleTimeout, ConsoleClosed) as err:
-        # Before kexec -e a hang is the bench's (or stage 1's) problem; after it, it is the finding.
+        # Only stage-1 waits get here (the stage-2 watch judges its own silence): a hang before kexec -e is
+        # the bench's or stage 1's problem, not a kexec finding.
         tail = "\n".join(err.tail.splitlines()[-TAIL_IN_REASONS:])
         headline = str(err).splitlines()[0].removesuffix("; last console lines:")
         quoted = f"last console lines:\n{tail}" if tail.strip() else "the console printed nothing"
