@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .placement import subtract_ranges
+
 MALLOC_USED_BOUND = 0x8000
 MALLOC_REGION = "decompressor.malloc"
 
@@ -67,22 +69,6 @@ def _severity(name: str, lo: int, malloc_start: int | None) -> str:
     return "fatal"
 
 
-def _outside(start: int, end: int, ram: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    parts = [(start, end)]
-    for rs, re_ in ram:
-        nxt = []
-        for s, e in parts:
-            if re_ <= s or rs >= e:
-                nxt.append((s, e))
-                continue
-            if s < rs:
-                nxt.append((s, rs))
-            if re_ < e:
-                nxt.append((re_, e))
-        parts = nxt
-    return parts
-
-
 def find_collisions(written: Sequence[tuple[str, int, int]], payloads: Sequence[tuple[str, int, int]],
                     ram: Sequence[tuple[int, int]] | None) -> list[Collision]:
     """Every overlap of a written region with a payload, plus written bytes outside RAM (if RAM is known)."""
@@ -104,7 +90,7 @@ def find_collisions(written: Sequence[tuple[str, int, int]], payloads: Sequence[
                     break
             if inside:
                 continue
-            for lo, hi in _outside(ws, we, ram):
+            for lo, hi in subtract_ranges([(ws, we)], ram):
                 out.append(Collision(name, "outside RAM", lo, hi, _severity(name, lo, malloc_start)))
     return out
 

@@ -70,6 +70,23 @@ def version_family(version: str) -> str:
     return ">=2.0.17"
 
 
+def subtract_ranges(pieces: Ranges, cuts: Ranges) -> list[tuple[int, int]]:
+    """What is left of [start, end) pieces once every [start, end) cut is taken out of them."""
+    left = list(pieces)
+    for cs, ce in cuts:
+        nxt = []
+        for s, e in left:
+            if ce <= s or cs >= e:
+                nxt.append((s, e))
+                continue
+            if s < cs:
+                nxt.append((s, cs))
+            if ce < e:
+                nxt.append((ce, e))
+        left = nxt
+    return left
+
+
 def locate_hole(ram: Ranges, used: Ranges, size: int, min_addr: int, align: int = PAGE,
                 max_addr: int = ULONG_MAX) -> int | None:
     """Lowest `align`-aligned start >= min_addr of `size` free bytes; None when there is none."""
@@ -80,19 +97,7 @@ def locate_hole(ram: Ranges, used: Ranges, size: int, min_addr: int, align: int 
             if e > s and e - s >= size:
                 return s
             continue
-        pieces = [(start, end)]
-        for us, ue in used:
-            nxt = []
-            for s, e in pieces:
-                if ue <= s or us >= e:
-                    nxt.append((s, e))
-                    continue
-                if s < us:
-                    nxt.append((s, us))
-                if ue < e:
-                    nxt.append((ue, e))
-            pieces = nxt
-        for s, e in pieces:
+        for s, e in subtract_ranges([(start, end)], used):
             s = align_up(max(s, min_addr), align)
             e = min(e, max_addr + 1)
             if e > s and e - s >= size:
