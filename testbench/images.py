@@ -271,3 +271,8 @@ def load_images() -> Images:
         raise UserError(f"image cache at {root} is incomplete ({', '.join(missing) or 'kernel'} missing): "
                         "run `testbench images fetch`")
     return images
+
+
+def kernel_path(name: str | None) -> Path:
+    """`debian` (or nothing) means the cached Debian zImage; anything else is a path."""
+    return load_images().zimage if name in (None, "debian") else Path(name)

@@ -86,13 +86,13 @@ def kexec_args_for(cell: Cell) -> list[str]:
         return []
     if cell.placement != "advised":
         return cell.placement.split()
-    from .images import load_images
+    from .images import kernel_path
     from .machines import get_machine
     from .oracle import advise
     from .zimage import read_zimage
 
     machine = get_machine(cell.machine)
-    kernel = load_images().zimage if cell.kernel == "debian" else Path(cell.kernel)
+    kernel = kernel_path(cell.kernel)
     ram = [(machine.ram_base, machine.ram_base + parse_size(cell.ram))]
     dtb = QEMU_DTB_SIZE if machine.qemu_generates_dtb else BOARD_DTB_SIZE
     advice = advise(read_zimage(kernel), ram, "2.0.25", initrd_size=parse_size(cell.initrd) + STAGE2_BASE,

@@ -43,14 +43,10 @@ def _read_text(path: str) -> str:
 def _zimage(path: str | None, args: argparse.Namespace):
     if path is None:
         return None
+    from .images import kernel_path
     from .zimage import read_zimage
 
-    if path == "debian":  # the same shorthand as `testbench run --kernel debian`
-        from .images import load_images
-
-        path = str(load_images().zimage)
-
-    return read_zimage(path, getattr(args, "decompressor_elf", None), getattr(args, "vmlinux", None))
+    return read_zimage(kernel_path(path), getattr(args, "decompressor_elf", None), getattr(args, "vmlinux", None))
 
 
 def _table(pred) -> list[str]:

@@ -120,13 +120,9 @@ def replay(args: argparse.Namespace) -> dict:
     ram_range = (m.ram_base, m.ram_base + ram)
     out = Path(args.out or f"out/replay-{m.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    if args.kernel in (None, "debian"):
-        from .images import load_images
+    from .images import kernel_path
 
-        kernel = load_images().zimage
-    else:
-        kernel = _file(args.kernel, "kernel")
-    assert kernel is not None
+    kernel = kernel_path(args.kernel) if args.kernel in (None, "debian") else _file(args.kernel, "kernel")
     zimage = read_zimage(kernel)
     at = _addresses(args, m)
     initrd = _file(args.initrd, "initrd")
