@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import struct
 
-from conftest import DATA, build_zimage
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from zimage_builder import DATA, build_zimage
 
 from testbench.kexeclog import KexecLogError, parse_kexec_log
 from testbench.oracle import AdviceError, advise, predict
