@@ -25,15 +25,15 @@ def _say(text: str) -> None:
 def _run_one(args: argparse.Namespace, machine_name: str, ram: str | None, kexec_args: tuple[str, ...],
              out: Path, quiet: bool = False):
     from .case import CaseRequest, prepare_case, run_case
-    from .images import load_images
+    from .images import kernel_path, kexec_path, load_images
     from .machines import get_machine
     from .qemu import qemu_version
 
     machine = get_machine(machine_name)
     qemu_version()  # fail early, with a clear line, when QEMU is missing or too old
     images = load_images()
-    kernel = None if args.kernel in (None, "debian") else Path(args.kernel)
-    kexec = None if args.kexec in (None, "debian") else Path(args.kexec)
+    kernel = None if args.kernel in (None, "debian") else kernel_path(args.kernel)
+    kexec = kexec_path(args.kexec)
     request = CaseRequest(
         machine=machine,
         ram=parse_size(ram, "--ram") if ram else machine.default_ram,
@@ -108,13 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="boot stage 1, kexec -l / -e into stage 2, judge the result")
     run.add_argument("--machine", help="machine profile (no --machine: the demonstration over all machines)")
     run.add_argument("--ram", help="RAM size, e.g. 512M, 1G (default: the machine's default)")
-    run.add_argument("--kernel", default="debian", help="zImage to kexec into: 'debian' or a path")
+    run.add_argument("--kernel", default="debian",
+                     help="zImage to kexec into: 'debian', 'built:VARIANT' (scripts/build-kernel) or a path")
     initrd = run.add_mutually_exclusive_group()
     initrd.add_argument("--initrd-size", default="1M", help="stage-2 payload size (default 1M)")
     initrd.add_argument("--initrd", help="use this initrd instead of the generated stage-2 one")
     run.add_argument("--seed", type=int, default=1, help="payload seed (default 1)")
     run.add_argument("--dtb", help="DTB for the second kernel (default: the one stage 1 booted with)")
-    run.add_argument("--kexec", default="debian", help="kexec binary: 'debian' or a path to an ARM build")
+    run.add_argument("--kexec", default="debian",
+                     help="kexec binary: 'debian', 'built:NAME' (scripts/build-kexec) or a path to an ARM build")
     run.add_argument("--kexec-args", default="", help='extra kexec -l arguments, e.g. "--image-size=0x2000000"')
     run.add_argument("--out", help="artifact dir (default out/<machine>-<time>)")
     run.add_argument("--gdb", action="store_true", help="a debugger will attach: disable all deadlines")

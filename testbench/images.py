@@ -273,6 +273,37 @@ def load_images() -> Images:
     return images
 
 
+BUILT_PREFIX = "built:"
+
+
+def built_dir(kind: str, name: str) -> Path:
+    """Where scripts/build-kernel (kind `kernels`) and scripts/build-kexec (kind `kexec`) leave a named build:
+    a directory (or a symlink to the hash-keyed one) holding `zImage` or `kexec` plus `meta.json`."""
+    return cache_dir() / "built" / kind / name
+
+
+def _built_file(kind: str, name: str, file: str, script: str) -> Path:
+    path = built_dir(kind, name) / file
+    if not path.exists():
+        raise UserError(f"{BUILT_PREFIX}{name}: no such build in {path.parent.parent}; run `{script} {name}`")
+    return path
+
+
 def kernel_path(name: str | None) -> Path:
-    """`debian` (or nothing) means the cached Debian zImage; anything else is a path."""
-    return load_images().zimage if name in (None, "debian") else Path(name)
+    """`debian` (or nothing) is the cached Debian zImage, `built:VARIANT` a scripts/build-kernel output,
+    anything else a path."""
+    if name in (None, "debian"):
+        return load_images().zimage
+    if name.startswith(BUILT_PREFIX):
+        return _built_file("kernels", name.removeprefix(BUILT_PREFIX), "zImage", "scripts/build-kernel")
+    return Path(name).expanduser()
+
+
+def kexec_path(name: str | None) -> Path | None:
+    """None for Debian's kexec-tools (the cached package), a scripts/build-kexec output for `built:NAME`,
+    else a path."""
+    if name in (None, "debian"):
+        return None
+    if name.startswith(BUILT_PREFIX):
+        return _built_file("kexec", name.removeprefix(BUILT_PREFIX), "kexec", "scripts/build-kexec")
+    return Path(name).expanduser()
