@@ -24,6 +24,7 @@ from .observe import Observer, kernel_log_lines, make_plan
 from .oracle import analyze
 from .qemu import SHARE_TAG, QemuProcess, QemuSpec, qemu_version
 from .report.artifacts import write_case_artifacts
+from .snapshot import Slot, SnapshotBroken, claim, wait_restored
 from .verdict import STAGE2_MARKER, Verdict, compare_oracle, judge_observation, judge_stage2, parse_stage2
 from .zimage import ZImage, read_zimage
 
@@ -34,9 +35,12 @@ KERNEL_LOG_SPAN = 32 << 20  # RAM above the kernel entry searched for log lines 
 # in ~5 s, kexec -l of a 32 MB initrd over 9p takes ~4 s (100 MB took 48 s with the host fully loaded, hence
 # 0.8 s/MiB), a stage-2 boot ~7 s plus ~0.1 s per MiB of payload.
 # From "Bye!" to the new kernel's first earlycon line takes ~3 s (handoff + XZ decompression), so 15 s of
-# silence there is a hang (15 s leaves room for a loaded host).
+# silence there is a hang (15 s leaves room for a loaded host). When the observer saw the kernel entry,
+# handoff and decompression are behind us and earlycon speaks within ~0.5 s: 6 s of silence is a hang.
 TIMEOUTS = {"boot1": 90.0, "command": 30.0, "load_base": 30.0, "load_per_mib": 0.8,
-            "stage2_base": 90.0, "stage2_per_mib": 0.6, "silence": 15.0}
+            "stage2_base": 90.0, "stage2_per_mib": 0.6, "silence": 15.0, "silence_after_entry": 6.0}
+UNTIL = ("init", "kernel-entry")
+LAYOUT_ONLY = "layout only (--until kernel-entry): judged at the kernel entry, stage 2 not booted"
 # Beyond the kernel and the initrd, a case dir holds the loader bundle (~6 MiB), logs and dumps.
 OUT_DIR_SLACK = 32 << 20
 
@@ -55,6 +59,12 @@ class CaseRequest:
     kexec_args: tuple[str, ...] = ()
     gdb: bool = False  # a user's debugger will attach: no deadlines
     observe: bool = False  # stop at zImage and kernel entry via the gdbstub, dump and diff every segment
+    snapshot: bool = True  # restore stage 1 from its saved state (snapshot.py) instead of booting it
+    until: str = "init"  # "kernel-entry": a layout verdict from the ground truth alone, no stage-2 boot
+
+    @property
+    def observing(self) -> bool:
+        return self.observe or self.until == "kernel-entry"
 
     @property
     def stage2_cmdline(self) -> str:
@@ -87,6 +97,7 @@ class CaseResult:
     qemu_version: str | None = None
     observed: dict | None = None  # observe.Observation.to_dict(), with --observe
     oracle: dict | None = None  # verdict.compare_oracle(): does the oracle agree with the emulator?
+    stage1: dict | None = None  # how stage 1 came up: booted, booted and saved, or restored (+ snapshot key)
 
     def to_dict(self) -> dict:
         m = self.request.machine
@@ -108,6 +119,8 @@ class CaseResult:
             "kexec_rc": self.kexec_rc,
             "loader_version": self.loader_version,
             "qemu_version": self.qemu_version,
+            "stage1": self.stage1,
+            "until": self.request.until,
             **truth,
         }
 
@@ -123,8 +136,10 @@ def _link_or_copy(source: Path, target: Path) -> None:
 def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
     m = request.machine
     m.check_ram(request.ram)
-    if request.observe and request.gdb:
-        raise UserError("--observe and --gdb both need QEMU's gdbstub; it takes one client: choose one")
+    if request.observing and request.gdb:
+        raise UserError("--observe/--until kernel-entry and --gdb all need QEMU's gdbstub; it takes one client")
+    if request.until not in UNTIL:
+        raise UserError(f"--until {request.until}: choose one of {', '.join(UNTIL)}")
     kernel = existing_file(request.kernel or images.zimage, "kernel")
     zimage = read_zimage(kernel)
     loader = check_kexec(request.kexec) if request.kexec else Loader(images.kexec, True, None)
@@ -199,14 +214,37 @@ def _version_of(images: Images, path: Path, package: str) -> str | None:
 
 def guest_commands(case: PreparedCase) -> list[str]:
     """What the bench types in the stage-1 shell, in order (also written to the share as autorun.sh)."""
-    mount = f"mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 {SHARE_TAG} {GUEST_SHARE}"
+    # cache=mmap: kexec-tools mmaps the initrd, and without a page cache every 4 KiB fault is its own 9p
+    # read (a 100 MB initrd took 13 s to load instead of 2.5 s). Plain reads and writes stay uncached, so
+    # what the guest writes to the share is on the host when the command returns.
+    mount = f"mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=mmap {SHARE_TAG} {GUEST_SHARE}"
     save_dtb = [] if case.request.dtb else [f"cp /sys/firmware/fdt {GUEST_SHARE}/board.dtb"]
     run_kexec = case.kexec_command.split(" --debug")[0]
-    return [mount, f"cat /proc/iomem > {GUEST_SHARE}/iomem.txt", *save_dtb, f"{run_kexec} --version",
+    # One round trip for the set-up: each command costs a console exchange with a TCG guest.
+    # repro.sh's stage-1 init has mounted the share already before it runs these as autorun.sh.
+    mount = f"{{ mountpoint -q {GUEST_SHARE} || {mount}; }}"
+    setup = " && ".join([mount, f"cat /proc/iomem > {GUEST_SHARE}/iomem.txt", *save_dtb])
+    return [setup, f"{run_kexec} --version",
             f"{case.kexec_command} > {GUEST_SHARE}/kexec-debug.txt 2>&1", f"{run_kexec} -e"]
 
 
 def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
+    """Run the case from the profile's stage-1 snapshot when there is one (making it when there is not)."""
+    version = ".".join(map(str, qemu_version()))
+    slot = claim(case.stage1, version, say) if case.request.snapshot else None
+    try:
+        return _run_case(case, say, version, slot)
+    except SnapshotBroken as err:
+        assert slot is not None
+        say(f"boot1: {err}; dropping that snapshot and booting instead")
+        slot.drop()
+        return _run_case(case, say, version, None)
+    finally:
+        if slot is not None:
+            slot.release()
+
+
+def _run_case(case: PreparedCase, say, version: str, slot: Slot | None) -> CaseResult:
     request = case.request
     timings: dict[str, float] = {}
     load: dict | None = None
@@ -219,28 +257,44 @@ def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
     prediction: dict | None = None
     commands = guest_commands(case)
     (case.share / "autorun.sh").write_text("\n".join(commands) + "\n")
-    version = ".".join(map(str, qemu_version()))
     phase = "boot1"
+    incoming = slot.state if slot is not None and slot.ready else None
+    stage1: dict = {"from": "snapshot" if incoming else "boot", "snapshot": slot.key if slot else None}
     try:
         # --gdb opens the gdbstub for the user (and lifts every deadline); --observe uses it itself.
-        with QemuProcess(case.stage1, request.out, gdb=request.observe or request.gdb,
-                         debugger_attached=request.gdb) as qemu:
+        with QemuProcess(case.stage1, request.out, gdb=request.observing or request.gdb,
+                         debugger_attached=request.gdb, incoming=incoming) as qemu:
             assert qemu.console is not None
             if request.gdb:
                 say(f"gdbstub for you: gdb-multiarch -ex 'target remote {qemu.sockets.gdb}' (no deadlines)")
             console = qemu.console
             shell = Shell(console)
             t0 = time.monotonic()
-            qemu.cont()
-            say("boot1: booting the stage-1 kernel")
-            shell.wait_ready(TIMEOUTS["boot1"])
+            if incoming is not None:
+                say("boot1: restoring the stage-1 snapshot")
+                wait_restored(qemu)
+                qemu.cont()
+            else:
+                qemu.cont()
+                say("boot1: booting the stage-1 kernel")
+                shell.wait_ready(TIMEOUTS["boot1"])
+                if slot is not None and slot.lock_fd is not None:
+                    say("boot1: saving the stage-1 snapshot for the next cases of this profile")
+                    try:
+                        timings["snapshot_save"] = slot.save(qemu, time.monotonic() - t0)
+                        stage1["from"] = "boot, saved"
+                    except BenchError as err:  # no snapshot is only slower: carry on with this boot
+                        say(f"boot1: {err}")
+                    qemu.cont()
             timings["boot1"] = time.monotonic() - t0
+            t_setup = time.monotonic()
             for command in commands[:-2]:
                 result = shell.run(command, TIMEOUTS["command"], command.split()[0])
                 if result.rc != 0:
                     raise BenchError(f"stage-1 command failed ({result.rc}): {command}\n{result.output}")
                 if command.endswith("--version"):
                     loader_version = _kexec_version(result.output)
+            timings["setup"] = time.monotonic() - t_setup
             phase = "load"
             say("load: kexec --debug -l")
             mib = (case.inputs["initrd"].size >> 20) + 1
@@ -257,7 +311,7 @@ def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
                 tail = " | ".join(debug_text.strip().splitlines()[-3:])
                 verdict = Verdict("fail", "load", (f"kexec -l exited {loaded.rc}: {tail}",))
             else:
-                observer = _observer(case, qemu, log, prediction) if request.observe else None
+                observer = _observer(case, qemu, log, prediction) if request.observing else None
                 if observer is not None:
                     observer.arm()
                 say("handoff: kexec -e")
@@ -272,15 +326,21 @@ def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
                         if stop.seconds is not None:
                             timings[f"stop_{stop.name}"] = stop.seconds
                     timings["observe"] = resumed_at - t_exec
-                if observation is not None and observation.phase in ("handoff", "decompress"):
+                if request.until == "kernel-entry":
+                    ended_by = "kernel-entry"  # layout only: the ground truth is the verdict
+                elif observation is not None and observation.phase in ("handoff", "decompress"):
                     ended_by = "observed"  # the stop never came: the VM was halted and dumped
                 else:
-                    ended_by = _watch_stage2(qemu, start, mib, resumed_at)
+                    entered = observation is not None and observation.phase == "kernel"
+                    ended_by = _watch_stage2(qemu, start, mib, resumed_at, entered)
                 if observation is not None and ended_by in ("silence", "timeout") and qemu.running():
                     observation = replace(observation, kernel_log=_kernel_log(qemu, observer))
                 timings["stage2"] = time.monotonic() - t_exec
                 after = console.text[start:]
-                verdict = judge_stage2(after, request.stage2_cmdline, case.payload_sha256, ended_by)
+                if ended_by == "kernel-entry":
+                    verdict = Verdict("pass", "kernel", (LAYOUT_ONLY,))
+                else:
+                    verdict = judge_stage2(after, request.stage2_cmdline, case.payload_sha256, ended_by)
                 if verdict.verdict == "fail" and prediction is not None:
                     verdict = replace(verdict, reasons=verdict.reasons + _oracle_reasons(prediction))
                 if observation is not None:
@@ -296,13 +356,15 @@ def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
         headline = str(err).splitlines()[0].removesuffix("; last console lines:")
         quoted = f"last console lines:\n{tail}" if tail.strip() else "the console printed nothing"
         verdict = Verdict("error", phase, (headline, quoted))
+    except SnapshotBroken:
+        raise  # run_case drops the snapshot and boots instead
     except BenchError as err:  # GdbError included: the observation itself broke
         verdict = Verdict("error", phase, (str(err),))
     # stop_* and observe lie inside stage2 (kexec -e to the end): not added twice
-    timings["total"] = sum(v for k, v in timings.items() if k in ("boot1", "load", "stage2"))
+    timings["total"] = sum(v for k, v in timings.items() if k in ("boot1", "setup", "load", "stage2"))
     result = CaseResult(request=request, verdict=verdict, timings=timings, inputs=case.inputs, load=load,
                         stage2=stage2, kexec_rc=kexec_rc, qemu_version=version, predicted=prediction,
-                        loader_version=loader_version, observed=observed, oracle=oracle)
+                        loader_version=loader_version, observed=observed, oracle=oracle, stage1=stage1)
     write_case_artifacts(case, result, commands)
     return result
 
@@ -363,7 +425,8 @@ def _kernel_log(qemu: QemuProcess, observer: Observer) -> tuple[str, ...]:
         return (f"(no post-mortem dump: {err})",)
 
 
-def _watch_stage2(qemu: QemuProcess, start: int, mib: int, resumed_at: float | None = None) -> str:
+def _watch_stage2(qemu: QemuProcess, start: int, mib: int, resumed_at: float | None = None,
+                  kernel_entered: bool = False) -> str:
     """Read the console after kexec -e until the marker, QEMU's exit, silence, or the deadline.
 
     Silence only ends the wait before the new kernel has printed anything: that is the hang this bench
@@ -376,7 +439,7 @@ def _watch_stage2(qemu: QemuProcess, start: int, mib: int, resumed_at: float | N
     budget = TIMEOUTS["stage2_base"] + TIMEOUTS["stage2_per_mib"] * mib
     deadline = None if console.no_deadlines else time.monotonic() + budget * timeout_factor()
     quiet_since = resumed_at or 0.0
-    silence = TIMEOUTS["silence"] * timeout_factor()
+    silence = TIMEOUTS["silence_after_entry" if kernel_entered else "silence"] * timeout_factor()
     while True:
         try:
             found = console.wait_for(STAGE2_MARKER, 1.0, "stage 2", start, fail_on_close=False)

@@ -47,6 +47,8 @@ def _run_one(args: argparse.Namespace, machine_name: str, ram: str | None, kexec
         kexec_args=kexec_args,
         gdb=getattr(args, "gdb", False),
         observe=getattr(args, "observe", False),
+        snapshot=not getattr(args, "no_snapshot", False),
+        until=getattr(args, "until", "init"),
     )
     case = prepare_case(request, images)
     return run_case(case, say=(lambda s: None) if quiet else (lambda s: _say(f"{machine_name}: {s}")))
@@ -123,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--observe", action="store_true",
                      help="stop at zImage and kernel entry via the gdbstub, dump and diff every segment, and "
                           "check the oracle against it (~4 s more)")
+    run.add_argument("--until", choices=("init", "kernel-entry"), default="init",
+                     help="kernel-entry: a layout verdict from the ground truth at the kernel entry, without "
+                          "booting stage 2 (implies --observe)")
+    run.add_argument("--no-snapshot", action="store_true",
+                     help="boot stage 1 instead of restoring its saved state (the state is keyed by QEMU, "
+                          "machine, RAM and the stage-1 files, and made by the first case of each profile)")
     run.set_defaults(func=cmd_run)
 
     images = sub.add_parser("images", help="fetch or list the Debian armhf inputs in the image cache")
@@ -145,10 +153,27 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+# Options whose value is itself kexec options: argparse refuses `--kexec-args --image-size=X` (a value that
+# starts with "--"), so the pair is glued into `--kexec-args=--image-size=X` before parsing.
+DASH_VALUED = ("--kexec-args", "--tb-kexec-args")
+
+
+def _glue_dash_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    items = iter(argv)
+    for item in items:
+        if item in DASH_VALUED:
+            value = next(items, None)
+            out.append(item if value is None else f"{item}={value}")
+        else:
+            out.append(item)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_glue_dash_values(sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)
     except UserError as err:

@@ -20,10 +20,15 @@ class Machine:
     console: str
     dtb: str  # "qemu" when QEMU generates it, else a DTB file name from the kernel package
     smp: int = 1
+    machine_options: tuple[str, ...] = ()  # appended to -M as ",key=value"
     qemu_args: tuple[str, ...] = ()
     stage1_cmdline: tuple[str, ...] = ()
     stage2_cmdline: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    @property
+    def qemu_machine_arg(self) -> str:
+        return ",".join([self.qemu_machine, *self.machine_options])
 
     @property
     def qemu_generates_dtb(self) -> bool:
@@ -69,6 +74,7 @@ def all_machines() -> dict[str, Machine]:
             console=entry["console"],
             dtb=entry["dtb"],
             smp=int(entry.get("smp", 1)),
+            machine_options=tuple(entry.get("machine_options", ())),
             qemu_args=tuple(entry.get("qemu_args", ())),
             stage1_cmdline=tuple(entry.get("stage1_cmdline", ())),
             stage2_cmdline=tuple(entry.get("stage2_cmdline", ())),

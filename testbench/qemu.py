@@ -78,10 +78,11 @@ def qemu_version(binary: str | None = None) -> tuple[int, int, int]:
     return major, minor, micro
 
 
-def qemu_args(spec: QemuSpec, sockets: Sockets | None, gdb: bool = False) -> list[str]:
-    """The full command line. Without sockets it is the hand-run form used by repro.sh (console on stdio)."""
+def qemu_args(spec: QemuSpec, sockets: Sockets | None, gdb: bool = False, incoming: Path | None = None) -> list[str]:
+    """The full command line. Without sockets it is the hand-run form used by repro.sh (console on stdio).
+    `incoming` restores a saved stage-1 state (snapshot.py) instead of booting."""
     m = spec.machine
-    args = [QEMU_BINARY, "-M", m.qemu_machine, "-cpu", m.cpu, "-m", f"{spec.ram >> 20}M", "-smp", str(m.smp),
+    args = [QEMU_BINARY, "-M", m.qemu_machine_arg, "-cpu", m.cpu, "-m", f"{spec.ram >> 20}M", "-smp", str(m.smp),
             *m.qemu_args]
     if spec.kernel is not None:
         args += ["-kernel", str(spec.kernel), "-append", spec.append]
@@ -103,6 +104,9 @@ def qemu_args(spec: QemuSpec, sockets: Sockets | None, gdb: bool = False) -> lis
              "-serial", "chardev:tbcon"]
     if gdb:
         args += ["-gdb", f"unix:{sockets.gdb},server=on,wait=off"]
+    if incoming is not None:
+        # QEMU 7.2 has no file: migration URI; exec: runs through /bin/sh, hence the quoting.
+        args += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
     return args
 
 
@@ -124,7 +128,8 @@ def _die_with_parent() -> None:
 class QemuProcess:
     """A running QEMU. Use as a context manager: leaving the block always kills QEMU."""
 
-    def __init__(self, spec: QemuSpec, case_dir: Path, gdb: bool = False, debugger_attached: bool = False):
+    def __init__(self, spec: QemuSpec, case_dir: Path, gdb: bool = False, debugger_attached: bool = False,
+                 incoming: Path | None = None):
         self.spec = spec
         self.case_dir = case_dir
         self.gdb = gdb
@@ -135,7 +140,8 @@ class QemuProcess:
         self._link_dir: Path | None = None
         sock_dir, self._link_dir = _socket_dir(case_dir)
         self.sockets = Sockets(sock_dir / "qmp.sock", sock_dir / "console.sock", sock_dir / "gdb.sock")
-        self.args = qemu_args(spec, self.sockets, gdb)
+        self.incoming = incoming
+        self.args = qemu_args(spec, self.sockets, gdb, incoming)
         self.started_at = 0.0
 
     def __enter__(self) -> "QemuProcess":
