@@ -100,11 +100,38 @@ def kexec_args_for(cell: Cell) -> list[str]:
     return [f"--image-size={advice.image_size:#x}"] if advice.needed else []
 
 
-def run_command(cell: Cell, out: Path) -> list[str]:
+@dataclass(frozen=True)
+class RunMode:
+    """How every cell runs. By default with the emulator's ground truth (a cell passes only when the
+    segments are intact at kernel entry and the oracle agrees) and from the stage-1 snapshots."""
+
+    observe: bool = True
+    until: str = "init"  # or "kernel-entry": layout verdicts only, no stage-2 boot
+    snapshot: bool = True
+
+    @classmethod
+    def from_flags(cls, no_observe: bool, until: str | None, no_snapshot: bool) -> "RunMode":
+        return cls(observe=not no_observe, until=until or "init", snapshot=not no_snapshot)
+
+
+def run_command(cell: Cell, out: Path, mode: RunMode = RunMode()) -> list[str]:
     args = [sys.executable, "-m", "testbench.cli", "run", "--machine", cell.machine, "--ram", cell.ram,
-            "--initrd-size", cell.initrd, "--kernel", cell.kernel, "--kexec", cell.kexec, "--out", str(out)]
+            "--initrd-size", cell.initrd, "--kernel", cell.kernel, "--kexec", cell.kexec, "--out", str(out),
+            "--until", mode.until]
+    args += ["--observe"] if mode.observe else []
+    args += ["--no-snapshot"] if not mode.snapshot else []
     extra = kexec_args_for(cell)
     return args + ([f"--kexec-args={' '.join(extra)}"] if extra else [])
+
+
+def profile_order(cells: list[Cell]) -> list[Cell]:
+    """Round-robin over stage-1 profiles (machine, RAM): the first cells of a run each boot and save a
+    different profile side by side, instead of the second worker waiting for the first one's snapshot."""
+    groups: dict[tuple[str, str], list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault((cell.machine, cell.ram), []).append(cell)
+    rounds = itertools.zip_longest(*groups.values())
+    return [cell for round_ in rounds for cell in round_ if cell is not None]
 
 
 def _die_with_parent() -> None:
@@ -114,12 +141,12 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
-def run_cell(cell: Cell, out: Path) -> dict:
+def run_cell(cell: Cell, out: Path, mode: RunMode = RunMode()) -> dict:
     """Run one cell in its own process; returns its result.json (or an `error` record)."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
-        command = run_command(cell, out)
+        command = run_command(cell, out, mode)
     except UserError as err:
         return {"cell": cell.to_dict(), "verdict": "error", "phase": "boot1", "reasons": [str(err)]}
     done = subprocess.run(command, capture_output=True, text=True, preexec_fn=_die_with_parent)
@@ -135,11 +162,11 @@ def run_cell(cell: Cell, out: Path) -> dict:
     return result
 
 
-def run_matrix(cells: list[Cell], out: Path, jobs: int, progress=None) -> list[dict]:
+def run_matrix(cells: list[Cell], out: Path, jobs: int, progress=None, mode: RunMode = RunMode()) -> list[dict]:
     results: list[dict] = []
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_cell, cell, out / cell.id): cell for cell in cells}
+        futures = {pool.submit(run_cell, cell, out / cell.id, mode): cell for cell in profile_order(cells)}
         for future in as_completed(futures):
             results.append(future.result())
             if progress:
@@ -167,9 +194,10 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     jobs = args.jobs or max(1, (os.cpu_count() or 2))
     print(f"[testbench] {len(cells)} cells, {jobs} at a time, into {out}", file=sys.stderr)
     started = time.monotonic()
-    results = run_matrix(cells, out, jobs, _progress)
+    mode = RunMode.from_flags(args.no_observe, args.until, args.no_snapshot)
+    results = run_matrix(cells, out, jobs, _progress, mode)
     wall = time.monotonic() - started
-    summary = {"cells": len(results), "wall_seconds": round(wall, 1),
+    summary = {"cells": len(results), "wall_seconds": round(wall, 1), "mode": mode.__dict__,
                "verdicts": {v: sum(r["verdict"] == v for r in results) for v in ("pass", "fail", "error")},
                "unexpected": [r["cell"]["id"] for r in results if not r["expected_ok"]]}
     (out / "results.json").write_text(json.dumps({"summary": summary, "results": results}, indent=2) + "\n")
@@ -189,4 +217,9 @@ def register(subparsers) -> None:
     parser.add_argument("--out", help="report dir (default out/matrix-<time>)")
     for axis in ("machine", "ram", "initrd", "placement"):
         parser.add_argument(f"--{axis}", action="append", help=f"only these {axis} values (repeatable)")
+    parser.add_argument("--until", choices=("init", "kernel-entry"),
+                        help="kernel-entry: layout verdicts from the ground truth, no stage-2 boot (default init)")
+    parser.add_argument("--no-observe", action="store_true",
+                        help="judge from the console alone, without the gdbstub stops and segment diffs")
+    parser.add_argument("--no-snapshot", action="store_true", help="boot stage 1 in every cell")
     parser.set_defaults(func=cmd_matrix)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .matrix import Cell, load_matrix, run_cell
+from .matrix import Cell, RunMode, load_matrix, run_cell
 
 AXIS_OPTIONS = {"machine": "--tb-machine", "ram": "--tb-ram", "initrd": "--tb-initrd-size",
                 "placement": "--tb-placement", "kernel": "--tb-kernel", "kexec": "--tb-kexec"}
@@ -25,6 +25,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--tb-out", help="keep every cell's artifacts under this dir (default: pytest's tmp dir)")
     for axis, option in AXIS_OPTIONS.items():
         group.addoption(option, action="append", help=f"only these {axis} values (repeatable)")
+    group.addoption("--tb-until", choices=("init", "kernel-entry"),
+                    help="kernel-entry: layout verdicts only, no stage-2 boot (default init)")
+    group.addoption("--tb-no-observe", action="store_true", help="no gdbstub stops and segment diffs")
+    group.addoption("--tb-no-snapshot", action="store_true", help="boot stage 1 in every cell")
     group.addoption("--tb-kexec-args", action="append",
                     help='a placement given as literal kexec arguments, e.g. "--image-size=0x2000000" (repeatable)')
 
@@ -48,7 +52,10 @@ def tb_result(tb_cell: Cell, request: pytest.FixtureRequest, tmp_path: Path, rec
     base = request.config.getoption("--tb-out")
     out = Path(base) / tb_cell.id if base else tmp_path / tb_cell.id
     request.node.tb_artifacts = out
-    result = run_cell(tb_cell, out)
+    config = request.config
+    mode = RunMode.from_flags(config.getoption("--tb-no-observe"), config.getoption("--tb-until"),
+                              config.getoption("--tb-no-snapshot"))
+    result = run_cell(tb_cell, out, mode)
     for role, item in (result.get("inputs") or {}).items():
         record_property(f"input.{role}", f"{os.path.basename(item['path'])} {item.get('version') or ''} "
                                          f"sha256:{item['sha256']}".replace("  ", " "))
@@ -56,6 +63,8 @@ def tb_result(tb_cell: Cell, request: pytest.FixtureRequest, tmp_path: Path, rec
     record_property("qemu_version", result.get("qemu_version"))
     record_property("verdict", result["verdict"])
     record_property("phase", result.get("phase"))
+    record_property("oracle_agrees", result.get("oracle_agrees"))
+    record_property("stage1", (result.get("stage1") or {}).get("from"))
     record_property("expected", tb_cell.expect)
     record_property("artifacts", str(out))
     return result
