@@ -20,9 +20,10 @@ from .images import Images
 from .initramfs import build_stage2_initrd, stage1_initramfs
 from .inputs import Input, Loader, check_dtb, check_kexec, describe, existing_file, loader_bundle
 from .machines import Machine
+from .memmap import PLAIN, dump_qemu_dtb, get_memmap, stage1_dtb
 from .observe import Observer, kernel_log_lines, make_plan
 from .oracle import analyze
-from .qemu import SHARE_TAG, QemuProcess, QemuSpec, qemu_version
+from .qemu import SHARE_TAG, QemuProcess, QemuSpec, qemu_binary, qemu_version
 from .report.artifacts import write_case_artifacts
 from .snapshot import Slot, SnapshotBroken, claim, wait_restored
 from .verdict import STAGE2_MARKER, Verdict, compare_oracle, judge_observation, judge_stage2, parse_stage2
@@ -61,6 +62,7 @@ class CaseRequest:
     observe: bool = False  # stop at zImage and kernel entry via the gdbstub, dump and diff every segment
     snapshot: bool = True  # restore stage 1 from its saved state (snapshot.py) instead of booting it
     until: str = "init"  # "kernel-entry": a layout verdict from the ground truth alone, no stage-2 boot
+    memmap: str = PLAIN  # a RAM map from images/memmaps.toml: holes stage 1's DTB gives kexec to work around
 
     @property
     def observing(self) -> bool:
@@ -136,6 +138,8 @@ def _link_or_copy(source: Path, target: Path) -> None:
 def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
     m = request.machine
     m.check_ram(request.ram)
+    memmap = get_memmap(request.memmap)
+    memmap.check(m, request.ram)
     if request.observing and request.gdb:
         raise UserError("--observe/--until kernel-entry and --gdb all need QEMU's gdbstub; it takes one client")
     if request.until not in UNTIL:
@@ -194,6 +198,10 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
     board_dtb = None if m.qemu_generates_dtb else images.dtb_dir / m.dtb
     if board_dtb is not None and not board_dtb.exists():
         raise BenchError(f"{m.name}: DTB {board_dtb.name} is not in the kernel package")
+    if memmap.no_map:
+        board = board_dtb.read_bytes() if board_dtb else dump_qemu_dtb(qemu_binary(), m, request.ram)
+        board_dtb = stage1_dtb(images.root, board, memmap, m.ram_base)
+        inputs["stage1_dtb"] = replace(describe("stage1_dtb", board_dtb), version=f"memory map {memmap.name}")
     stage1 = QemuSpec(machine=m, ram=request.ram, kernel=images.zimage, initrd=stage1_initrd,
                       append=" ".join([f"console={m.console}", *m.stage1_cmdline]), dtb=board_dtb, share=share)
     inputs["stage1_kernel"] = describe("stage1_kernel", images.zimage, images.package(images.kernel_package).version)

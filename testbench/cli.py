@@ -49,6 +49,7 @@ def _run_one(args: argparse.Namespace, machine_name: str, ram: str | None, kexec
         observe=getattr(args, "observe", False),
         snapshot=not getattr(args, "no_snapshot", False),
         until=getattr(args, "until", "init"),
+        memmap=getattr(args, "memmap", "plain"),
     )
     case = prepare_case(request, images)
     return run_case(case, say=(lambda s: None) if quiet else (lambda s: _say(f"{machine_name}: {s}")))
@@ -128,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until", choices=("init", "kernel-entry"), default="init",
                      help="kernel-entry: a layout verdict from the ground truth at the kernel entry, without "
                           "booting stage 2 (implies --observe)")
+    run.add_argument("--memmap", default="plain",
+                     help="stage 1's RAM map from images/memmaps.toml, e.g. hole32M (default plain)")
     run.add_argument("--no-snapshot", action="store_true",
                      help="boot stage 1 instead of restoring its saved state (the state is keyed by QEMU, "
                           "machine, RAM and the stage-1 files, and made by the first case of each profile)")

@@ -22,7 +22,7 @@ from .errors import UserError
 from .sizes import parse_size
 
 DEFAULT_MATRIX = Path(__file__).resolve().parent.parent / "images" / "matrix.toml"
-AXES = ("machine", "ram", "initrd", "placement", "kernel", "kexec")
+AXES = ("machine", "ram", "initrd", "placement", "kernel", "kexec", "memmap")
 QEMU_DTB_SIZE = 0x101000  # QEMU's 1 MiB virt DTB plus kexec's bootargs/initrd properties
 BOARD_DTB_SIZE = 0x10000  # a vexpress DTB with kexec's additions stays well below 64 KiB
 STAGE2_BASE = 1 << 20  # busybox and init around the payload; only moves where the DTB lands
@@ -36,14 +36,17 @@ class Cell:
     placement: str  # "default", "advised", or literal kexec args such as "--image-size=0x2000000"
     kernel: str = "debian"
     kexec: str = "debian"
+    memmap: str = "plain"  # images/memmaps.toml
     expect: str | None = None
 
     @property
     def id(self) -> str:
-        parts = [self.machine, self.ram, Path(self.kernel).name, f"initrd{self.initrd}",
+        parts = [self.machine, self.ram, Path(self.kernel).name.replace(":", "-"), f"initrd{self.initrd}",
                  "imagesize" if self.placement == "advised" else self.placement.lstrip("-").replace("=", "")]
         if self.kexec != "debian":
-            parts.append(f"kexec-{Path(self.kexec).name}")
+            parts.append(f"kexec-{Path(self.kexec).name.replace(':', '-')}")
+        if self.memmap != "plain":
+            parts.append(self.memmap)
         return "-".join(parts)
 
     def to_dict(self) -> dict:
@@ -88,12 +91,13 @@ def kexec_args_for(cell: Cell) -> list[str]:
         return cell.placement.split()
     from .images import kernel_path
     from .machines import get_machine
+    from .memmap import get_memmap
     from .oracle import advise
     from .zimage import read_zimage
 
     machine = get_machine(cell.machine)
     kernel = kernel_path(cell.kernel)
-    ram = [(machine.ram_base, machine.ram_base + parse_size(cell.ram))]
+    ram = get_memmap(cell.memmap).ram_ranges(machine.ram_base, parse_size(cell.ram))
     dtb = QEMU_DTB_SIZE if machine.qemu_generates_dtb else BOARD_DTB_SIZE
     advice = advise(read_zimage(kernel), ram, "2.0.25", initrd_size=parse_size(cell.initrd) + STAGE2_BASE,
                     dtb_size=dtb)
@@ -117,7 +121,7 @@ class RunMode:
 def run_command(cell: Cell, out: Path, mode: RunMode = RunMode()) -> list[str]:
     args = [sys.executable, "-m", "testbench.cli", "run", "--machine", cell.machine, "--ram", cell.ram,
             "--initrd-size", cell.initrd, "--kernel", cell.kernel, "--kexec", cell.kexec, "--out", str(out),
-            "--until", mode.until]
+            "--until", mode.until, "--memmap", cell.memmap]
     args += ["--observe"] if mode.observe else []
     args += ["--no-snapshot"] if not mode.snapshot else []
     extra = kexec_args_for(cell)

@@ -15,7 +15,8 @@ import pytest
 from .matrix import Cell, RunMode, load_matrix, run_cell
 
 AXIS_OPTIONS = {"machine": "--tb-machine", "ram": "--tb-ram", "initrd": "--tb-initrd-size",
-                "placement": "--tb-placement", "kernel": "--tb-kernel", "kexec": "--tb-kexec"}
+                "placement": "--tb-placement", "kernel": "--tb-kernel", "kexec": "--tb-kexec",
+                "memmap": "--tb-memmap"}
 CI_MATRIX = Path(__file__).resolve().parent.parent / "images" / "matrix-ci.toml"
 
 

@@ -1,0 +1,125 @@
+"""RAM maps for stage 1 (images/memmaps.toml): holes made with /reserved-memory `no-map` regions.
+
+A map other than `plain` gives stage 1 a DTB of its own: the board's DTB (QEMU's, dumped, for virt) with
+the holes added. The first kernel then leaves them out of /proc/iomem's System RAM, kexec's locate_hole
+works around them, and the second kernel inherits the same DTB. DTBs are cached by content.
+"""
+
+import hashlib
+import os
+import subprocess
+import tempfile
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BenchError, UserError
+from .machines import Machine
+from .sizes import format_size, parse_size
+
+MEMMAPS = Path(__file__).resolve().parent.parent / "images" / "memmaps.toml"
+PLAIN = "plain"
+STAGE1_INITRD_OFFSET = 128 << 20  # QEMU loads a 32-bit guest's initrd at base + min(RAM/2, 128 MiB)
+
+
+@dataclass(frozen=True)
+class MemMap:
+    name: str
+    no_map: tuple[tuple[int, int], ...] = ()  # (offset from the RAM base, size)
+
+    def holes(self, ram_base: int) -> list[tuple[int, int]]:
+        return [(ram_base + off, ram_base + off + size) for off, size in self.no_map]
+
+    def ram_ranges(self, ram_base: int, ram: int) -> list[tuple[int, int]]:
+        """System RAM as stage 1's /proc/iomem will list it: the bank minus the holes."""
+        ranges, start = [], ram_base
+        for lo, hi in sorted(self.holes(ram_base)):
+            if lo > start:
+                ranges.append((start, lo))
+            start = max(start, hi)
+        if start < ram_base + ram:
+            ranges.append((start, ram_base + ram))
+        return ranges
+
+    def check(self, machine: Machine, ram: int) -> None:
+        for off, size in self.no_map:
+            if off + size > min(ram // 2, STAGE1_INITRD_OFFSET):
+                raise UserError(f"memory map {self.name}: the hole at +{format_size(off)} ({format_size(size)}) "
+                                f"would cover stage 1's initramfs with {format_size(ram)} of RAM on {machine.name}")
+
+
+def load_memmaps(path: Path = MEMMAPS) -> dict[str, MemMap]:
+    data = tomllib.loads(path.read_text())
+    maps = {}
+    for name, entry in data.items():
+        pairs = entry.get("no_map", [])
+        maps[name] = MemMap(name, tuple((parse_size(str(o), name), parse_size(str(s), name)) for o, s in pairs))
+    return maps
+
+
+def get_memmap(name: str) -> MemMap:
+    maps = load_memmaps()
+    if name not in maps:
+        raise UserError(f"unknown memory map {name!r}; known: {', '.join(maps)} (images/memmaps.toml)")
+    return maps[name]
+
+
+def _run(args: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
+    try:
+        done = subprocess.run(args, capture_output=True, **kwargs)
+    except FileNotFoundError:
+        raise UserError(f"{args[0]} not found; install it with `apt-get install device-tree-compiler`") from None
+    if done.returncode != 0:
+        err = done.stderr.decode(errors="replace") if isinstance(done.stderr, bytes) else done.stderr
+        raise BenchError(f"{what} failed: {err.strip()[:300]}")
+    return done
+
+
+def _cells(dts: str, prop: str) -> int:
+    # The root node's #address-cells/#size-cells: the first such line in dtc's output belongs to /.
+    for line in dts.splitlines():
+        line = line.strip()
+        if line.startswith(f"{prop} = <"):
+            return int(line.split("<")[1].split(">")[0], 0)
+    return 1
+
+
+def _cell_words(value: int, cells: int) -> str:
+    return " ".join(f"{(value >> (32 * i)) & 0xFFFFFFFF:#x}" for i in reversed(range(cells)))
+
+
+def with_holes(board_dtb: bytes, holes: list[tuple[int, int]]) -> bytes:
+    """The DTB with one /reserved-memory no-map node per hole (the kernel requires the node's cells to
+    match the root's, and an empty `ranges`)."""
+    dts = _run(["dtc", "-q", "-I", "dtb", "-O", "dts", "-"], "dtc (decompile)", input=board_dtb).stdout.decode()
+    acells, scells = _cells(dts, "#address-cells"), _cells(dts, "#size-cells")
+    nodes = "".join(f"\t\ttestbench-hole@{lo:x} {{\n\t\t\treg = <{_cell_words(lo, acells)} "
+                    f"{_cell_words(hi - lo, scells)}>;\n\t\t\tno-map;\n\t\t}};\n" for lo, hi in holes)
+    overlay = (f"\n/ {{\n\treserved-memory {{\n\t\t#address-cells = <{acells}>;\n\t\t#size-cells = <{scells}>;\n"
+               f"\t\tranges;\n{nodes}\t}};\n}};\n")
+    return _run(["dtc", "-q", "-I", "dts", "-O", "dtb", "-"], "dtc (compile)",
+                input=(dts + overlay).encode()).stdout
+
+
+def stage1_dtb(cache_root: Path, board_dtb: bytes, memmap: MemMap, ram_base: int) -> Path:
+    """The cached stage-1 DTB for `memmap` (content-keyed, written atomically for concurrent cases)."""
+    key = hashlib.sha256(board_dtb + repr(memmap.holes(ram_base)).encode()).hexdigest()[:20]
+    out_dir = cache_root / "dtb"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{memmap.name}-{key}.dtb"
+    if not target.exists():
+        data = with_holes(board_dtb, memmap.holes(ram_base))
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".dtb-")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, target)
+    return target
+
+
+def dump_qemu_dtb(binary: str, machine: Machine, ram: int) -> bytes:
+    """QEMU's own DTB for a board that generates one (virt), for this RAM size."""
+    with tempfile.TemporaryDirectory(prefix="tb-dtb-") as tmp:
+        target = Path(tmp) / "board.dtb"
+        _run([binary, "-M", f"{machine.qemu_machine_arg},dumpdtb={target}", "-cpu", machine.cpu,
+              "-m", f"{ram >> 20}M", "-smp", str(machine.smp), "-display", "none"], f"qemu dumpdtb for {machine.name}")
+        return target.read_bytes()
