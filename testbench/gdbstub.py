@@ -27,6 +27,7 @@ ESCAPED = b"#$}*"  # bytes that must be escaped in binary data (and '*' because 
 # Bytes of memory per M packet (hex, so twice that on the wire): QEMU 7.2 takes packets up to 4 KiB and
 # answers X (binary write) with an empty reply, i.e. unsupported.
 WRITE_CHUNK = 1792
+READ_CHUNK = 1792  # bytes per m packet: the hex reply must fit the same 4 KiB packet buffer
 
 
 class GdbError(BenchError):
@@ -251,6 +252,19 @@ class GdbStub:
             reply = self._read_packet(time.monotonic() + self.timeout)
             if reply != b"OK":
                 raise GdbError(f"memory write at {address + off:#x} failed: {reply!r}")
+
+    def read_memory(self, address: int, length: int) -> bytes:
+        """Guest physical memory while the MMU is off (the bench only reads during boot). For bulk data use
+        QMP pmemsave: m packets move about 2 KiB per round trip."""
+        out = bytearray()
+        for off in range(0, length, READ_CHUNK):
+            n = min(READ_CHUNK, length - off)
+            reply = self.command(f"m{address + off:x},{n:x}".encode())
+            # An error is `Exx`; data is exactly 2n hex digits (and hex may itself start with 'e').
+            if len(reply) != 2 * n:
+                raise GdbError(f"memory read at {address + off:#x} failed: {reply[:20]!r}")
+            out += bytes.fromhex(reply.decode())
+        return bytes(out)
 
     # --- execution -------------------------------------------------------------------------------------
     def set_hw_break(self, address: int) -> None:

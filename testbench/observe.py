@@ -7,6 +7,12 @@ above the kernel segment is filled with a pattern. At the second stop the segmen
 diffed: the differing byte ranges are exactly what the decompressor clobbered; the highest byte of the
 pattern window that changed is the real extent of its writes. While gdb holds the VM, gdb owns run/stop:
 we never send QMP stop/cont in between, only pmemsave (which works on a stopped VM).
+
+When a stop never comes, the VM is halted and the post-mortem says what can be said without symbols: the PC
+and the instruction there (a branch-to-self with interrupts masked is a halt loop: the kernel entry can
+never come, so the bench stops waiting at once), which region of the layout and which zImage offset the PC
+is in, strings the registers point at (the decompressor's error() keeps its message in a register), what
+was written in the pattern window (how far the decompressed output got) and any kernel log lines.
 """
 
 from __future__ import annotations
@@ -36,8 +42,19 @@ PATTERN = bytes.fromhex("5aa5c33c")
 FILL_ABOVE_FOOTPRINT = 1 << 20  # how far past the oracle's footprint the pattern window reaches
 FILL_DEFAULT = 48 << 20  # the window without an oracle footprint
 SCTLR_M = 1  # SCTLR bit 0: MMU enable
-# Kernel log lines worth quoting from a RAM dump after a silent hang.
-LOG_PATTERNS = rb"(Error: invalid dtb[^\x00\n]*|Booting Linux[^\x00\n]*|Kernel panic[^\x00\n]*|" \
+# While waiting for the kernel entry, look at the PC this often: a CPU halted for good is found in seconds
+# instead of at the deadline. Not scaled: it is a sampling period, not a deadline.
+SPIN_SAMPLE = 1.0
+ARM_B_SELF = bytes.fromhex("feffffea")  # `b .` in ARM state (0xeafffffe, little-endian)
+THUMB_B_SELF = bytes.fromhex("fee7")  # `b .` in Thumb state (0xe7fe)
+CPSR_T, CPSR_F, CPSR_I = 1 << 5, 1 << 6, 1 << 7
+# Writes in the pattern window closer than this are one range in a hang's post-mortem: decompressed output
+# matches the pattern word by chance now and then, and page-sized granularity is what a reader needs.
+HANG_COALESCE = 4096
+STRING_PROBE = 96  # bytes read at each register value that might point at a message
+# Kernel log lines worth quoting from a RAM dump after a silent hang. "Booting Linux on physical CPU" and not
+# just "Booting Linux": the zImage's EFI stub holds "Booting Linux Kernel..." as a plain string (no '%').
+LOG_PATTERNS = rb"(Error: invalid dtb[^\x00\n]*|Booting Linux on physical CPU[^\x00\n]*|Kernel panic[^\x00\n]*|" \
                rb"Initramfs unpacking failed[^\x00\n]*|INITRD: [^\x00\n]*|Unable to handle[^\x00\n]*)"
 
 
@@ -59,6 +76,8 @@ class Plan:
     segments: tuple[SegmentSpec, ...]
     fill: tuple[int, int] | None  # pattern window [start, end), free RAM only
     bootargs: str | None = None  # what the DTB's /chosen/bootargs must say
+    regions: tuple[tuple[str, int, int], ...] = ()  # the oracle's layout (name, start, end), RAM excluded
+    ram: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +116,7 @@ class Observation:
     footprint: dict = field(default_factory=dict)
     kernel_log: tuple[str, ...] = ()
     dumps: str = ""
+    hang: dict = field(default_factory=dict)  # post-mortem when a stop never came (see Observer._post_mortem)
 
     @property
     def intact(self) -> bool:
@@ -140,6 +160,129 @@ def free_window(lo: int, hi: int, taken: list[tuple[int, int]]) -> list[tuple[in
     return out
 
 
+def is_branch_to_self(code: bytes, thumb: bool) -> bool:
+    """Is the instruction at the start of `code` a branch to itself (`b .`)?"""
+    return code[:2] == THUMB_B_SELF if thumb else code[:4] == ARM_B_SELF
+
+
+def halted_for_good(code: bytes, cpsr: int | None) -> bool:
+    """A `b .` with IRQ and FIQ masked can only be left by a reset: whatever the CPU waits for never comes.
+    Without CPSR we cannot rule out an interrupt handler that rewrites the return address."""
+    if cpsr is None:
+        return False
+    return is_branch_to_self(code, bool(cpsr & CPSR_T)) and cpsr & (CPSR_I | CPSR_F) == CPSR_I | CPSR_F
+
+
+def regions_at(regions: tuple[tuple[str, int, int], ...], start: int, end: int) -> list[str]:
+    """Names of the layout regions overlapping [start, end)."""
+    return [name for name, s, e in regions if s < end and start < e]
+
+
+def pattern_writes(window: bytes, window_start: int, gaps: list[tuple[int, int]],
+                   coalesce: int = HANG_COALESCE) -> list[tuple[int, int]]:
+    """Absolute ranges of the filled gaps (inside a dump of the window starting at `window_start`) that no
+    longer hold the pattern: what the guest wrote since the fill."""
+    out: list[tuple[int, int]] = []
+    for s, e in gaps:
+        n = (e - s) // 4 * 4
+        got = window[s - window_start:s - window_start + n]
+        for a, b in diff_ranges(PATTERN * (n // 4), got, coalesce):
+            if out and s + a - out[-1][1] < coalesce:
+                out[-1] = (out[-1][0], s + b)
+            else:
+                out.append((s + a, s + b))
+    return out
+
+
+def _printable(raw: bytes) -> bool:
+    return all(32 <= b < 127 or b in (9, 10, 13) for b in raw)
+
+
+def string_at(data: bytes, minimum: int = 8) -> str | None:
+    """A printable NUL-terminated string at the start of `data`, at least `minimum` characters long."""
+    text, nul, _ = data.partition(b"\0")
+    if not nul or len(text) < minimum or not _printable(text):
+        return None
+    return text.decode().strip()
+
+
+def string_before(data: bytes, minimum: int = 8) -> str | None:
+    """The printable string that ends with the NUL at the last byte of `data`: what a pointer just past
+    `data` has walked over (a print loop leaves its pointer one past the terminator)."""
+    if not data.endswith(b"\0"):
+        return None
+    text = data[:-1].rsplit(b"\0", 1)[-1]
+    start = len(text)
+    while start > 0 and _printable(text[start - 1:start]):
+        start -= 1
+    text = text[start:]
+    if len(text) < minimum:
+        return None
+    return text.decode().strip()
+
+
+def locate_in(haystack: bytes, needle: bytes) -> int | None:
+    """Offset of the only occurrence of `needle` in `haystack`, or None (absent or ambiguous)."""
+    first = haystack.find(needle)
+    if first < 0 or haystack.find(needle, first + 1) >= 0:
+        return None
+    return first
+
+
+def output_progress(regions: tuple[tuple[str, int, int], ...], writes: list[tuple[int, int]]) -> dict:
+    """How far the decompressed kernel got: the highest written byte inside the layout's `kernel` region.
+    The decompressor writes its output in one pass, low to high, straight to its final place."""
+    kernel = next(((s, e) for name, s, e in regions if name == "kernel"), None)
+    if kernel is None:
+        return {}
+    inside = [min(e, kernel[1]) for s, e in writes if s < kernel[1] and kernel[0] < e]
+    return {"output_start": kernel[0], "output_size": kernel[1] - kernel[0],
+            "output_end": max(inside) if inside else None}
+
+
+def hang_reasons(hang: dict, plan: Plan) -> list[str]:
+    """One line per finding of a post-mortem, most decisive first."""
+    phase = hang["phase"]
+    target = f"kernel entry {plan.kernel_entry:#x}" if phase == "decompress" else f"zImage entry {plan.entry:#x}"
+    head = f"the {target} never came within the {phase} deadline ({hang['deadline']:.0f} s)"
+    pc = hang.get("pc")
+    if pc is None:
+        return [head + (f"; {hang['error']}" if "error" in hang else "")]
+    if hang.get("found_by") == "halt check":
+        head += (f": {hang['waited']:.1f} s after the zImage entry the CPU spins in a branch-to-self at {pc:#x} "
+                 "with IRQ and FIQ masked, so it never will")
+    else:
+        head += f"; halted after {hang['waited']:.1f} s at PC {pc:#x} (instruction {hang['insn']})"
+        if hang.get("halted_for_good"):
+            head += ", a branch-to-self with IRQ and FIQ masked: it never would have"
+    reasons = [head]
+    if hang.get("where") or hang.get("zimage_offset") is not None:
+        where = " and ".join(hang.get("where") or []) or "no region of the layout"
+        offset = f" = zImage file offset {hang['zimage_offset']:#x}" if hang.get("zimage_offset") is not None else ""
+        reasons.append(f"PC {pc:#x} lies in {where}{offset}")
+    # A register just past a message and not at the start of the next string is the strong clue: a print
+    # loop walked over the message (the Debian zImage's error() leaves r0 so). Strings sit back to back in
+    # .rodata, so a base pointer at one string is also "just past" the one before: those are ambiguous and
+    # quoted only when there is no strong clue (result.json has them all).
+    strings = hang.get("strings") or {}
+    strong = [f"{reg} points just past the message {k['past']!r} (as a print loop leaves its pointer)"
+              for reg, k in strings.items() if "past" in k and "at" not in k]
+    weak = [f"{reg} points at the string {k['at']!r}" if "at" in k else f"{reg} points just past {k['past']!r}"
+            for reg, k in strings.items()]
+    reasons += strong or weak
+    if hang.get("output_size"):
+        end, start, size = hang.get("output_end"), hang["output_start"], hang["output_size"]
+        if end is None:
+            reasons.append(f"the decompressed kernel [{start:#x}, {start + size:#x}) was not written at all")
+        else:
+            done = end - start
+            reasons.append(f"the decompressed kernel was written up to {end:#x}: {done:#x} of {size:#x} bytes "
+                           f"({100 * done // size}%)" + ("" if done < size else ", i.e. all of it"))
+    if "error" in hang:
+        reasons.append(hang["error"])
+    return reasons
+
+
 def make_plan(log: KexecLog, zimage: ZImage, ram: tuple[int, int], prediction: dict | None,
               files: dict[str, Path], bootargs: str | None) -> Plan:
     """Where to stop and what to dump, from the parsed load plan."""
@@ -175,7 +318,9 @@ def make_plan(log: KexecLog, zimage: ZImage, ram: tuple[int, int], prediction: d
         hi = min(ram[1], (footprint_hi + FILL_ABOVE_FOOTPRINT) if footprint_hi else lo + FILL_DEFAULT)
         fill = (lo, hi)
     dtb = log.dtb.address if log.dtb else None
-    return Plan(entry, kentry, to, source, dtb, tuple(segments), fill, bootargs)
+    regions = tuple((r["name"], r["start"], r["end"]) for r in (prediction or {}).get("layout", [])
+                    if r.get("role") != "ram")
+    return Plan(entry, kentry, to, source, dtb, tuple(segments), fill, bootargs, regions, ram)
 
 
 def _fdtget(path: Path, node: str, prop: str, kind: str) -> str | None:
@@ -216,12 +361,15 @@ def kernel_log_lines(data: bytes) -> tuple[str, ...]:
 class Observer:
     """Owns the gdbstub connection for one kexec -e. `arm()` before kexec -e, `observe()` after it."""
 
-    def __init__(self, gdb_socket: Path, pmemsave: Callable[[int, int, Path], None], plan: Plan, out: Path):
+    def __init__(self, gdb_socket: Path, pmemsave: Callable[[int, int, Path], None], plan: Plan, out: Path,
+                 deadlines: dict[str, float] | None = None, spin_check: bool = True):
         self.plan = plan
         self.out = out
         self.pmemsave = pmemsave
         self.gdb = GdbStub(gdb_socket)
         self.entry_break = True
+        self.deadlines = STOP_DEADLINES | (deadlines or {})  # seconds, before TESTBENCH_TIMEOUT_FACTOR
+        self.spin_check = spin_check  # False: only the deadline ends a wait for the kernel entry
 
     def arm(self) -> None:
         """Attach (the VM stops), set both breakpoints, and let stage 1 run on to take `kexec -e`."""
@@ -304,10 +452,11 @@ class Observer:
     def observe(self, exec_at: float, first: Stop | None = None) -> Observation:
         """Wait for both stops (the VM is running kexec -e), dump, diff, and leave the VM running."""
         factor = timeout_factor()
-        stop1 = first or self.gdb.wait_stop(STOP_DEADLINES["handoff"] * factor)
+        handoff = self.deadlines["handoff"] * factor
+        stop1 = first or self.gdb.wait_stop(handoff)
         report1 = self._check_stop("zimage", self.plan.entry, stop1, stop1.at - exec_at if stop1 else None)
         if stop1 is None:
-            return self._hung("handoff", (report1,), (), ())
+            return self._hung("handoff", (report1,), (), [], None, time.monotonic() - exec_at, handoff)
         first = self._dump_segments("stop1")
         fidelity = self._fidelity(first)
         gaps = self._fill()
@@ -315,11 +464,14 @@ class Observer:
             self.gdb.remove_hw_break(self.plan.entry)  # or the CPU stops here again at once
         resumed = time.monotonic()
         self.gdb.cont()
-        stop2 = self.gdb.wait_stop(STOP_DEADLINES["decompress"] * factor)
+        decompress = self.deadlines["decompress"] * factor
+        stop2, halted = self._wait_kernel_entry(decompress)
         report2 = self._check_stop("kernel", self.plan.kernel_entry, stop2,
                                    stop2.at - resumed if stop2 else None)
         if stop2 is None:
-            return self._hung("decompress", (report1, report2), tuple(fidelity), tuple(gaps), first)
+            waited = (halted.at if halted else time.monotonic()) - resumed
+            return self._hung("decompress", (report1, report2), tuple(fidelity), gaps, first, waited, decompress,
+                              halted)
         second = self._dump_segments("stop2")
         clobbered, by_design = self._clobbers(first, second)
         footprint = self._footprint(gaps, first, second)
@@ -328,6 +480,27 @@ class Observer:
         self.gdb.detach()
         return Observation("kernel", (report1, report2), tuple(fidelity), clobbered, by_design, footprint,
                            dumps=str(self.out))
+
+    def _wait_kernel_entry(self, timeout: float) -> tuple[Stop | None, Stop | None]:
+        """(the breakpoint stop, None), or (None, the sample that proved the CPU halted for good), or
+        (None, None) at the deadline. Every SPIN_SAMPLE seconds the VM is interrupted for a few packets to
+        look at the PC; a `b .` with interrupts masked (the decompressor's error() ends in one) is final."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            stop = self.gdb.wait_stop(min(remaining, SPIN_SAMPLE) if self.spin_check else remaining)
+            if stop is not None:
+                return stop, None
+            if not self.spin_check:
+                continue
+            sample = self.gdb.interrupt()
+            if sample is None:
+                raise GdbError("the VM did not stop when interrupted")
+            if sample.pc == self.plan.kernel_entry:
+                return sample, None  # the breakpoint fired as we interrupted: its stop reply came first
+            if halted_for_good(self.gdb.read_memory(sample.pc & ~1, 4), self.gdb.read_register("cpsr")):
+                return None, sample
+            self.gdb.cont()
+        return None, None
 
     def _clobbers(self, first: dict[SegmentSpec, bytes],
                   second: dict[SegmentSpec, bytes]) -> tuple[tuple[Clobber, ...], tuple[Clobber, ...]]:
@@ -357,20 +530,75 @@ class Observer:
                 "reached_window_top": highest is not None and top is not None and highest >= top - COALESCE}
 
     def _hung(self, phase: str, stops: tuple[StopReport, ...], fidelity: tuple[str, ...],
-              gaps: tuple[tuple[int, int], ...], first: dict[SegmentSpec, bytes] | None = None) -> Observation:
-        """The stop never came: halt the VM, dump the segments and the RAM after them, quote any log lines."""
+              gaps: list[tuple[int, int]], first: dict[SegmentSpec, bytes] | None, waited: float,
+              deadline: float, halted: Stop | None = None) -> Observation:
+        """The stop never came: halt the VM (unless a sample already did), dump the segments and the RAM after
+        them, quote any log lines and write the post-mortem."""
         clobbered: tuple[Clobber, ...] = ()
         by_design: tuple[Clobber, ...] = ()
         lines: tuple[str, ...] = ()
+        hang: dict = {"phase": phase, "deadline": round(deadline, 1), "waited": round(waited, 3),
+                      "found_by": "deadline" if halted is None else "halt check"}
         try:
-            self.gdb.interrupt()
+            if halted is None:
+                halted = self.gdb.interrupt()
             now = self._dump_segments(f"hung-{phase}")
             if first is not None:
                 clobbered, by_design = self._clobbers(first, now)
+            window = None
             if self.plan.fill is not None:
-                lines = kernel_log_lines(self._dump(self.plan.fill[0], self.plan.fill[1] - self.plan.fill[0],
-                                                    f"hung-{phase}-ram.bin"))
+                window = self._dump(self.plan.fill[0], self.plan.fill[1] - self.plan.fill[0], f"hung-{phase}-ram.bin")
+                lines = kernel_log_lines(window)
+            hang |= self._post_mortem(halted, window, gaps, by_design)
             self.gdb.detach()
-        except GdbError:
-            pass
-        return Observation(phase, stops, fidelity, clobbered, by_design, {}, lines, str(self.out))
+        except GdbError as err:
+            hang["error"] = f"post-mortem incomplete: {err}"
+        hang["reasons"] = hang_reasons(hang, self.plan)
+        return Observation(phase, stops, fidelity, clobbered, by_design, {}, lines, str(self.out), hang)
+
+    def _post_mortem(self, halted: Stop | None, window: bytes | None, gaps: list[tuple[int, int]],
+                     by_design: tuple[Clobber, ...]) -> dict:
+        """Where the CPU is and what it wrote, for a reader without symbols (see the module docstring)."""
+        if halted is None:
+            return {"error": "the VM did not stop when interrupted"}
+        pc = halted.pc
+        cpsr = self.gdb.read_register("cpsr")
+        sctlr = self.gdb.read_register("SCTLR")
+        code = self.gdb.read_memory(pc & ~1, 4)
+        info: dict = {"pc": pc, "cpsr": cpsr, "registers": list(halted.regs), "insn": code[::-1].hex(),
+                      "halted_for_good": halted_for_good(code, cpsr)}
+        if window is not None and self.plan.fill is not None:
+            writes = pattern_writes(window, self.plan.fill[0], gaps)
+            info["written"] = [{"start": s, "end": e, "regions": regions_at(self.plan.regions, s, e)}
+                               for s, e in writes]
+            info |= output_progress(self.plan.regions, writes + [(c.start, c.end) for c in by_design])
+        if sctlr is not None and sctlr & SCTLR_M and not any(s <= pc < e for _, s, e in self.plan.regions):
+            # The MMU is on and the PC is no physical address we know: the first kernel or purgatory, where
+            # addresses are virtual. Nothing below would mean anything.
+            info["mmu_on"] = True
+            return info
+        info["where"] = regions_at(self.plan.regions, pc, pc + 1)
+        kseg = next((s for s in self.plan.segments if s.role == "kernel" and s.source is not None), None)
+        if kseg is not None and kseg.source is not None:
+            around = self.gdb.read_memory((pc & ~3) - 32, 64)
+            found = locate_in(kseg.source.read_bytes(), around)
+            info["zimage_offset"] = None if found is None else found + 32 + (pc & 3)
+        info["strings"] = self._register_strings(halted.regs)
+        return info
+
+    def _register_strings(self, regs: tuple[int, ...]) -> dict[str, dict[str, str]]:
+        """Messages r0-r12 point at, or point just past. RAM only: reading a device register through the
+        gdbstub can pop a FIFO."""
+        found: dict[str, dict[str, str]] = {}
+        lo, hi = self.plan.ram or (0, 0)
+        for i, value in enumerate(regs[:13]):
+            if not lo + STRING_PROBE <= value < hi - STRING_PROBE:
+                continue
+            try:
+                data = self.gdb.read_memory(value - STRING_PROBE, 2 * STRING_PROBE)
+            except GdbError:
+                continue
+            kinds = {"past": string_before(data[:STRING_PROBE]), "at": string_at(data[STRING_PROBE:])}
+            if any(kinds.values()):
+                found[f"r{i}"] = {k: v for k, v in kinds.items() if v}
+        return found

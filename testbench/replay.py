@@ -5,11 +5,19 @@ sets the boot registers of the ARM Linux boot protocol (r0 = 0, r1 = ~0: no mach
 PC = the zImage. The paused state is the first stop; then the same kernel-entry stop, dumps and diffs as
 `testbench run --observe` run, and the oracle judges the same addresses. This is how a board report, or
 another loader's placement (U-Boot's bootz addresses, say), is checked.
+
+With a generated stage-2 initrd (--initrd-size, or --from-log without --initrd: one of the log's size) the
+replay goes on after the kernel entry to the stage-2 init's marker (--until init), so a layout passes only
+when the second kernel reaches init with the payload, the DTB and the command line intact. There is no
+kexec to write /chosen, so the bench does: bootargs and linux,initrd-start/-end match the layout, /memory
+the RAM size, and rng-seed is dropped (the kernel NOPs it in place after reading it, so the blob it exposes
+could never match; kexec, too, hands over a DTB whose rng-seed the first kernel consumed).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import shutil
@@ -19,15 +27,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from .case import _kernel_log, _watch_stage2
 from .errors import BenchError, UserError
+from .initramfs import Stage2Initrd, build_stage2_initrd
 from .kexeclog import KexecLog, Placed, Segment, parse_kexec_log
 from .machines import Machine, get_machine
-from .observe import Observer, make_plan
+from .observe import STOP_DEADLINES, Observer, make_plan
 from .oracle import analyze
 from .qemu import QemuProcess, QemuSpec, qemu_binary
-from .report.artifacts import write_json_atomic
+from .report.artifacts import write_json_atomic, write_replay_svg
 from .sizes import parse_size
-from .verdict import Verdict, compare_oracle, judge_observation
+from .verdict import Verdict, compare_oracle, judge_observation, judge_stage2, parse_stage2, signature_reasons
 from .zimage import read_zimage
 
 # ARM boot protocol (Documentation/arm/booting.rst): r0 = 0, r1 = machine type (~0: none, use the DTB),
@@ -70,16 +80,49 @@ def _board_dtb(m: Machine, ram: int, out: Path) -> Path:
     return target
 
 
-def _patch_dtb(dtb: Path, initrd: tuple[int, int] | None, bootargs: str) -> None:
-    """Write what a loader writes into /chosen, so the kernel would find the initrd and command line."""
-    cmds = [["fdtput", "-c", str(dtb), "/chosen"], ["fdtput", "-t", "s", str(dtb), "/chosen", "bootargs", bootargs]]
+def _fdtput(dtb: Path, *args: str, optional: bool = False) -> None:
+    run = subprocess.run(["fdtput", str(dtb), *args], capture_output=True, text=True)
+    if run.returncode != 0 and not optional:
+        raise UserError(f"{dtb}: cannot edit it with fdtput {' '.join(args[:3])}: {run.stderr.strip()}")
+
+
+def _fdtget(dtb: Path, *args: str) -> str | None:
+    run = subprocess.run(["fdtget", str(dtb), *args], capture_output=True, text=True)
+    return run.stdout.strip() if run.returncode == 0 else None
+
+
+def _patch_dtb(dtb: Path, initrd: tuple[int, int] | None, bootargs: str, ram: tuple[int, int] | None) -> None:
+    """Write what a loader writes into /chosen, so the kernel finds the initrd and command line; with `ram`,
+    make /memory say the RAM QEMU really has (a board DTB says what the board was sold with)."""
+    _fdtput(dtb, "-c", "/chosen", optional=True)  # fails only when it exists
+    _fdtput(dtb, "-t", "s", "/chosen", "bootargs", bootargs)
+    _fdtput(dtb, "-d", "/chosen", "rng-seed", optional=True)  # see the module docstring
     if initrd is not None:
-        cmds += [["fdtput", "-t", "x", str(dtb), "/chosen", "linux,initrd-start", f"{initrd[0]:x}"],
-                 ["fdtput", "-t", "x", str(dtb), "/chosen", "linux,initrd-end", f"{initrd[0] + initrd[1]:x}"]]
-    for cmd in cmds:
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        if run.returncode != 0 and "-c" not in cmd:
-            raise UserError(f"{dtb}: cannot edit /chosen with fdtput: {run.stderr.strip()}")
+        _fdtput(dtb, "-t", "x", "/chosen", "linux,initrd-start", f"{initrd[0]:x}")
+        _fdtput(dtb, "-t", "x", "/chosen", "linux,initrd-end", f"{initrd[0] + initrd[1]:x}")
+    if ram is not None:
+        cells = int(_fdtget(dtb, "-t", "x", "/", "#address-cells") or "1", 16)
+        nodes = [n for n in (_fdtget(dtb, "-l", "/") or "").split() if n == "memory" or n.startswith("memory@")]
+        if len(nodes) != 1 or cells not in (1, 2):
+            raise UserError(f"{dtb}: expected one /memory node and #address-cells 1 or 2, found {nodes}, {cells}")
+        words = [f"{x:x}" for x in ram] if cells == 1 else ["0", f"{ram[0]:x}", "0", f"{ram[1]:x}"]
+        _fdtput(dtb, "-t", "x", f"/{nodes[0]}", "reg", *words)
+
+
+def stage2_initrd_of_size(images, out: Path, size: int, seed: int) -> Stage2Initrd | None:
+    """A stage-2 initrd of exactly `size` bytes (a board log's initrd size): the payload fills what the
+    busybox archive leaves, and zeros pad the rest (the kernel skips zeros between cpio archives).
+    None when `size` cannot even hold the busybox archive."""
+    empty = build_stage2_initrd(images, out, 0, seed)
+    # The payload's cpio header, name and padding grow with the payload by at most 3 bytes of alignment.
+    payload = size - empty.size - 4
+    if payload < 0:
+        out.unlink()
+        return None
+    built = build_stage2_initrd(images, out, payload, seed)
+    with out.open("ab") as handle:
+        handle.write(bytes(size - built.size))
+    return replace(built, size=size)
 
 
 def _addresses(args: argparse.Namespace, m: Machine) -> dict[str, int | None]:
@@ -113,6 +156,43 @@ def _check_layout(placed: dict[str, tuple[int, int]], ram: tuple[int, int]) -> N
         raise UserError(f"kernel address {placed['kernel'][0]:#x} is not word-aligned")
 
 
+def _initrd(args: argparse.Namespace, at: dict, out: Path) -> tuple[Path | None, Stage2Initrd | None]:
+    """The initrd to load: the user's file, a generated stage-2 one (--initrd-size, or the log's size), or
+    random bytes of the log's size when even the busybox archive does not fit in it."""
+    if args.initrd is not None:
+        if getattr(args, "initrd_size", None):
+            raise UserError("--initrd and --initrd-size exclude each other")
+        return _file(args.initrd, "initrd"), None
+    size = getattr(args, "initrd_size", None)
+    if size is None and at["initrd"] is None:
+        return None, None
+    if at["initrd"] is None:
+        raise UserError("--initrd-size needs --initrd-at (or an 'Initrd:' line in --from-log)")
+    from .images import load_images
+
+    seed = getattr(args, "seed", 1)
+    path = out / "initrd.img"
+    if size is not None:
+        built = build_stage2_initrd(load_images(), path, parse_size(size, "--initrd-size"), seed)
+        return path, built
+    wanted = at["initrd_size"] or (1 << 20)
+    built = stage2_initrd_of_size(load_images(), path, wanted, seed)
+    if built is None:  # only its place matters then: stand in random bytes of the log's size
+        path.write_bytes(random.Random(seed).randbytes(wanted))
+    return path, built
+
+
+def _judge_console(text: str, bootargs: str, built: Stage2Initrd | None, fdt_sha256: str,
+                   ended_by: str) -> Verdict:
+    """The stage-2 verdict of a replay. Stop 2 proved the kernel was entered, and a replay has no 'Bye!':
+    a silent console is the kernel phase dying, not a handoff."""
+    verdict = judge_stage2(text, bootargs, built.payload_sha256 if built else None, ended_by, fdt_sha256)
+    if verdict.phase == "handoff":
+        reasons = signature_reasons(text) or [f"the kernel was entered (stop 2) and printed nothing ({ended_by})"]
+        verdict = Verdict("fail", "kernel", tuple(reasons))
+    return verdict
+
+
 def replay(args: argparse.Namespace) -> dict:
     m = get_machine(args.machine)
     ram = parse_size(args.ram, "--ram") if args.ram else m.default_ram
@@ -125,18 +205,16 @@ def replay(args: argparse.Namespace) -> dict:
     kernel = kernel_path(args.kernel) if args.kernel in (None, "debian") else _file(args.kernel, "kernel")
     zimage = read_zimage(kernel)
     at = _addresses(args, m)
-    initrd = _file(args.initrd, "initrd")
-    if initrd is None and at["initrd"] is not None:
-        # The log names an initrd we do not have: stand in random bytes of its size (only its place matters).
-        initrd = out / "initrd.bin"
-        initrd.write_bytes(random.Random(1).randbytes(at["initrd_size"] or (1 << 20)))
+    initrd, built = _initrd(args, at, out)
     if initrd is not None and at["initrd"] is None:
         raise UserError("--initrd needs --initrd-at (or an 'Initrd:' line in --from-log)")
+    until = getattr(args, "until", None) or ("init" if built is not None else "kernel-entry")
     bootargs = " ".join([f"console={m.console}", *m.stage2_cmdline, "panic=-1"])
     dtb = out / "replay.dtb"
     shutil.copyfile(_file(args.dtb, "dtb") or _board_dtb(m, ram, out), dtb)
     initrd_span = (at["initrd"], initrd.stat().st_size) if initrd is not None and at["initrd"] else None
-    _patch_dtb(dtb, initrd_span, bootargs)
+    _patch_dtb(dtb, initrd_span, bootargs, None if m.qemu_generates_dtb or args.dtb else (m.ram_base, ram))
+    fdt_sha256 = hashlib.sha256(dtb.read_bytes()).hexdigest()
     placed = {"kernel": (at["kernel"], zimage.size), "dtb": (at["dtb"], dtb.stat().st_size)}
     if initrd_span:
         placed["initrd"] = initrd_span
@@ -159,9 +237,13 @@ def replay(args: argparse.Namespace) -> dict:
     by_gdb = {r: v for r, v in placed.items() if v[0] < rom[1] and v[0] + v[1] > rom[0]}
     spec = QemuSpec(machine=m, ram=ram, kernel=None, initrd=None, append="", dtb=None, share=None,
                     loaders=tuple((files[r], a) for r, (a, _n) in placed.items() if r not in by_gdb))
+    deadlines = {"decompress": args.decompress_deadline} if getattr(args, "decompress_deadline", None) else None
+    timings: dict[str, float] = {}
+    stage2 = None
     t0 = time.monotonic()
     with QemuProcess(spec, out, gdb=True) as qemu:
-        observer = Observer(qemu.sockets.gdb, qemu.pmemsave, plan, out / "observe")
+        observer = Observer(qemu.sockets.gdb, qemu.pmemsave, plan, out / "observe", deadlines,
+                            spin_check=not getattr(args, "no_halt_check", False))
         try:
             first = observer.arm_at_entry(
                 {"r0": 0, "r1": R1_NO_MACHINE, "r2": placed["dtb"][0], "cpsr": CPSR_SVC_MASKED,
@@ -170,19 +252,39 @@ def replay(args: argparse.Namespace) -> dict:
             observation = observer.observe(first.at, first)
         finally:
             observer.close()
-    seconds = time.monotonic() - t0
+        resumed = time.monotonic()
+        kernel_stop = next(s for s in observation.stops if s.name == "kernel")
+        if kernel_stop.seconds is not None:
+            timings["stop_kernel"] = kernel_stop.seconds
+        if until == "init" and observation.phase == "kernel":
+            assert qemu.console is not None
+            mib = (initrd.stat().st_size >> 20) + 1 if initrd is not None else 1
+            ended_by = _watch_stage2(qemu, 0, mib, resumed)
+            text = qemu.console.text
+            if ended_by in ("silence", "timeout") and qemu.running():
+                observation = replace(observation, kernel_log=_kernel_log(qemu, observer))
+            timings["stage2"] = time.monotonic() - resumed
+            parsed = parse_stage2(text)
+            stage2 = parsed.to_dict() if parsed else None
+    timings["replay"] = time.monotonic() - t0
     observed = observation.to_dict()
     oracle = compare_oracle(observed, prediction)
-    verdict = judge_observation(Verdict("pass", "kernel"), observed, oracle)
-    if verdict.verdict == "pass":
-        verdict = replace(verdict, reasons=("kernel entry reached with every payload segment intact; "
-                                            "the oracle agrees",))
+    if until == "init" and observation.phase == "kernel":
+        verdict = judge_observation(_judge_console(text, bootargs, built, fdt_sha256, ended_by), observed, oracle)
+    else:
+        verdict = judge_observation(Verdict("pass", "kernel"), observed, oracle)
+        if verdict.verdict == "pass":
+            verdict = replace(verdict, reasons=("kernel entry reached with every payload segment intact; "
+                                                "the oracle agrees (--until kernel-entry: stage 2 not watched)",))
     result = {**verdict.to_dict(), "machine": m.name, "ram": {"base": m.ram_base, "size": ram},
               "placement": {role: {"address": a, "size": n, "file": str(files[role])}
                             for role, (a, n) in placed.items()},
-              "text_offset": plan.text_offset, "observed": observed, "predicted": prediction,
-              "oracle_agrees": oracle["agrees"], "oracle_difference": oracle["differences"],
-              "oracle": oracle, "timings": {"replay": round(seconds, 3)}}
+              "until": until, "text_offset": plan.text_offset, "observed": observed, "predicted": prediction,
+              "oracle_agrees": oracle["agrees"], "oracle_difference": oracle["differences"], "oracle": oracle,
+              "stage2": stage2, "expected": {"cmdline": bootargs, "fdt_sha256": fdt_sha256,
+                                             "payload_sha256": built.payload_sha256 if built else None},
+              "timings": {k: round(v, 3) for k, v in timings.items()}}
+    write_replay_svg(out, result)
     write_json_atomic(out / "result.json", result)
     return result
 
@@ -202,17 +304,37 @@ def handler(args: argparse.Namespace) -> int:
     return {"pass": 0, "fail": 1}.get(result["verdict"], 2)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("replay", help="replay a placement of zImage/initrd/DTB in QEMU (no stage 1) "
                               "and diff every segment at zImage and kernel entry")
     p.add_argument("--machine", required=True, help="machine profile")
     p.add_argument("--ram", help="RAM size (default: the machine's default)")
     p.add_argument("--kernel", default="debian", help="zImage: 'debian' or a path")
-    p.add_argument("--initrd", help="initrd file (with --from-log and no --initrd: random bytes of the log's size)")
+    p.add_argument("--initrd", help="initrd file (default with --from-log: a stage-2 initrd of the log's size)")
+    p.add_argument("--initrd-size", help="generate a stage-2 initrd with a payload of this size (e.g. 1M)")
+    p.add_argument("--seed", type=int, default=1, help="payload seed of a generated initrd (default 1)")
     p.add_argument("--dtb", help="DTB file (default: the machine's); /chosen gets bootargs and initrd")
     p.add_argument("--kernel-at", help="zImage address: 0x... absolute or +offset from RAM base")
     p.add_argument("--initrd-at", help="initrd address")
     p.add_argument("--dtb-at", help="DTB address")
     p.add_argument("--from-log", help="take the addresses from a kexec --debug log, relative to its RAM base")
+    p.add_argument("--until", choices=("init", "kernel-entry"),
+                   help="init: boot on to the stage-2 marker and check payload, DTB and cmdline (default with a "
+                        "generated initrd); kernel-entry: judge the layout at the kernel entry (default otherwise)")
+    p.add_argument("--decompress-deadline", type=_seconds,
+                   help=f"seconds to wait for the kernel entry, before TESTBENCH_TIMEOUT_FACTOR "
+                        f"(default {STOP_DEADLINES['decompress']:.0f})")
+    p.add_argument("--no-halt-check", action="store_true",
+                   help="wait out the deadline even when the CPU is found halted in a branch-to-self")
     p.add_argument("--out", help="artifact dir (default out/replay-<machine>-<time>)")
     p.set_defaults(func=handler)

@@ -100,11 +100,12 @@ def signature_reasons(after_exec: str) -> list[str]:
 
 
 def judge_stage2(after_exec: str, expected_cmdline: str, expected_payload_sha256: str | None,
-                 ended_by: str) -> Verdict:
+                 ended_by: str, expected_fdt_sha256: str | None = None) -> Verdict:
     """Judge the console text that followed `kexec -e`.
 
     `ended_by` says why we stopped reading: "marker", "exit" (QEMU exited: panic=-1 with -no-reboot, or
-    poweroff), "silence" (nothing new for the silence window) or "timeout".
+    poweroff), "silence" (nothing new for the silence window) or "timeout". `expected_fdt_sha256`, when the
+    bench knows the exact DTB bytes it handed over (replay), must match /sys/firmware/fdt in stage 2.
     """
     stage2 = parse_stage2(after_exec)
     phase = phase_reached(after_exec)
@@ -116,9 +117,13 @@ def judge_stage2(after_exec: str, expected_cmdline: str, expected_payload_sha256
         if expected_payload_sha256 is not None and stage2.payload_sha256 != expected_payload_sha256:
             problems.append(f"initrd payload sha256 {stage2.payload_sha256 or 'missing'} != "
                             f"host {expected_payload_sha256}: the payload the second kernel sees is not the one loaded")
+        if expected_fdt_sha256 is not None and stage2.fdt_sha256 != expected_fdt_sha256:
+            problems.append(f"DTB sha256 {stage2.fdt_sha256 or 'missing'} != {expected_fdt_sha256} of the DTB "
+                            "loaded: the DTB the second kernel sees is not the one handed over")
         if problems:
             return Verdict("fail", "init", tuple(problems + reasons))
-        return Verdict("pass", "init", ("stage-2 init reached; initrd payload and command line intact",))
+        dtb = ", DTB" if expected_fdt_sha256 is not None else ""
+        return Verdict("pass", "init", (f"stage-2 init reached; initrd payload{dtb} and command line intact",))
     if not reasons:
         if phase == "handoff" and "Bye!" in after_exec:
             reasons.append("silence after Bye!: the new kernel never printed; the decompressor or the early "
@@ -206,8 +211,10 @@ def judge_observation(verdict: Verdict, observed: dict, agreement: dict | None) 
     if observed.get("phase") in ("handoff", "decompress"):
         phase = observed["phase"]
         where = "zImage entry" if phase == "handoff" else "kernel entry"
-        reasons.append(f"the {where} breakpoint never fired: the CPU never left the "
-                       f"{'old kernel / purgatory' if phase == 'handoff' else 'decompressor'}")
+        # The post-mortem (observe.hang_reasons) says where the CPU really was; the generic line is a fallback.
+        reasons += (observed.get("hang") or {}).get("reasons") or [
+            f"the {where} breakpoint never fired: the CPU never left the "
+            f"{'old kernel / purgatory' if phase == 'handoff' else 'decompressor'}"]
     for stop in stops.values():
         reasons += stop.get("problems", [])
     reasons += [f"load fidelity: {p}" for p in observed.get("fidelity", [])]

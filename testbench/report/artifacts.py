@@ -1,4 +1,6 @@
-"""Per-case artifacts next to result.json: repro.sh, kexec-debug.txt, iomem.txt and the DTB loaded."""
+"""Per-case artifacts next to result.json: repro.sh, kexec-debug.txt, iomem.txt, the DTB loaded and the
+memory map (layout.svg: the oracle's layout and predicted collisions, and with --observe or replay the
+clobbered ranges the emulator saw)."""
 
 import json
 import os
@@ -50,9 +52,25 @@ def write_case_artifacts(case: "PreparedCase", result: "CaseResult", commands: l
     repro.write_text(repro_script(case))
     repro.chmod(0o755)
     data = result.to_dict()
-    predicted = data.get("predicted") or {}
-    if predicted.get("layout"):
-        title = f"{case.request.machine.name} {' '.join(case.request.kexec_args) or 'default placement'}: " \
-                f"{result.verdict.verdict} ({result.verdict.phase}); oracle {predicted.get('verdict')}"
-        (out / "layout.svg").write_text(memory_map_svg(predicted["layout"], predicted.get("collisions", []), title))
+    title = f"{case.request.machine.name} {' '.join(case.request.kexec_args) or 'default placement'}: " \
+            f"{result.verdict.verdict} ({result.verdict.phase})"
+    write_layout_svg(out, data, title)
     write_json_atomic(out / "result.json", data)
+
+
+def write_layout_svg(out: Path, result: dict, title: str) -> Path | None:
+    """layout.svg from a result.json dict: needs the oracle's layout (`predicted.layout`)."""
+    predicted = result.get("predicted") or {}
+    if not predicted.get("layout"):
+        return None
+    observed = (result.get("observed") or {}).get("clobbered", [])
+    title += f"; oracle {predicted.get('verdict')}"
+    if result.get("observed"):
+        title += f"; observed {len(observed)} clobbered range{'' if len(observed) == 1 else 's'}"
+    path = out / "layout.svg"
+    path.write_text(memory_map_svg(predicted["layout"], predicted.get("collisions", []), title, observed))
+    return path
+
+
+def write_replay_svg(out: Path, result: dict) -> Path | None:
+    return write_layout_svg(out, result, f"replay on {result['machine']}: {result['verdict']} ({result['phase']})")

@@ -1,0 +1,226 @@
+"""The pure parts of observe.py: diffs of two dumps, the pattern window, halt detection, post-mortem text.
+
+Inputs are hand-made byte strings with the changed offsets chosen here, and kexec logs from the seed
+excerpts (DOMAIN 4, log B), so every expected value is written out by hand, not taken from the code."""
+
+from __future__ import annotations
+
+import pytest
+from zimage_builder import build_zimage
+
+from testbench.kexeclog import parse_kexec_log
+from testbench.observe import (
+    PATTERN,
+    Plan,
+    diff_ranges,
+    free_window,
+    halted_for_good,
+    hang_reasons,
+    is_branch_to_self,
+    kernel_log_lines,
+    locate_in,
+    make_plan,
+    output_progress,
+    pattern_writes,
+    string_at,
+    string_before,
+)
+from testbench.zimage import parse_zimage
+
+
+def _changed(size: int, offsets: list[int], seed: int = 7) -> tuple[bytes, bytes]:
+    """`size` pseudo-random bytes and a copy with every byte in `offsets` inverted (so it surely differs)."""
+    old = bytes((i * 131 + seed * 17 + (i >> 8)) & 0xFF for i in range(size))
+    new = bytearray(old)
+    for o in offsets:
+        new[o] ^= 0xFF
+    return old, bytes(new)
+
+
+# --- diff_ranges -------------------------------------------------------------------------------------------
+def test_identical_dumps_have_no_clobbered_range():
+    old, _ = _changed(4096, [])
+    assert diff_ranges(old, old) == []
+
+
+def test_one_changed_run_is_one_half_open_range():
+    old, new = _changed(4096, list(range(100, 116)))
+    assert diff_ranges(old, new) == [(100, 116)]
+
+
+def test_runs_closer_than_the_coalesce_distance_merge_and_far_ones_do_not():
+    # Runs at [10, 12) and [40, 41): gap 28 < 64, one range. [500, 503): gap 459, a second range.
+    old, new = _changed(1024, [10, 11, 40, 500, 501, 502])
+    assert diff_ranges(old, new, coalesce=64) == [(10, 41), (500, 503)]
+    # With a coalesce distance of 8 the first two stay apart.
+    assert diff_ranges(old, new, coalesce=8) == [(10, 12), (40, 41), (500, 503)]
+
+
+def test_changes_at_the_very_first_and_last_byte():
+    old, new = _changed(300, [0, 299])
+    assert diff_ranges(old, new, coalesce=1) == [(0, 1), (299, 300)]
+
+
+def test_a_byte_rewritten_with_its_own_value_splits_nothing_within_the_coalesce_distance():
+    # The decompressor overwrote [0, 200) but byte 50 happened to get its old value: still one range.
+    old, new = _changed(400, [o for o in range(200) if o != 50])
+    assert diff_ranges(old, new) == [(0, 200)]
+
+
+def test_dumps_of_different_length_compare_the_common_prefix():
+    old, new = _changed(256, [255])
+    assert diff_ranges(old, new[:200]) == []
+
+
+# --- free_window and the pattern window --------------------------------------------------------------------
+def test_free_window_cuts_the_taken_ranges_out():
+    taken = [(0x300, 0x400), (0x100, 0x180), (0x900, 0xA00)]  # unsorted, one past the end
+    assert free_window(0x0, 0x800, taken) == [(0x0, 0x100), (0x180, 0x300), (0x400, 0x800)]
+
+
+def test_free_window_with_overlapping_and_covering_ranges():
+    assert free_window(0x100, 0x200, [(0x0, 0x150), (0x140, 0x160)]) == [(0x160, 0x200)]
+    assert free_window(0x100, 0x200, [(0x0, 0x1000)]) == []
+    assert free_window(0x100, 0x200, []) == [(0x100, 0x200)]
+
+
+def test_pattern_writes_finds_what_changed_in_the_filled_gaps_only():
+    # Window [0x1000, 0x3000); a segment occupies [0x1800, 0x2000), so the gaps are the rest.
+    start = 0x1000
+    window = bytearray(PATTERN * (0x2000 // 4))
+    window[0x800:0x1000] = bytes(0x800)  # the segment: not pattern, but not a gap either
+    window[0x10:0x20] = b"\x11" * 0x10  # a write at 0x1010..0x1020
+    window[0x1F00:0x1F04] = b"\x22" * 4  # a write at 0x2F00..0x2F04
+    gaps = [(0x1000, 0x1800), (0x2000, 0x3000)]
+    assert pattern_writes(bytes(window), start, gaps, coalesce=64) == [(0x1010, 0x1020), (0x2F00, 0x2F04)]
+
+
+def test_make_plan_from_seed_log_b(seed_text):
+    """Log B (DOMAIN 4): RAM 0x10000000-0x4fffffff, Kernel 0x10008000, Initrd 0x11510000 size 0x53f46a,
+    DT 0x11a50000 size 0xb044, zImage 0x7273a8 bytes (bufsz 0x7273ac: kexec adds 4 zero bytes)."""
+    log = parse_kexec_log(seed_text("seed_b"))
+    zimage = parse_zimage(build_zimage(z=0x7273A8, text_offset=0x208000))
+    prediction = {"layout": [{"name": "ram", "role": "ram", "start": 0x10000000, "end": 0x50000000},
+                             {"name": "kernel", "role": "written", "start": 0x10208000, "end": 0x11000000},
+                             {"name": "decompressor.malloc", "role": "written", "start": 0x11b00000,
+                              "end": 0x11b10000}]}
+    plan = make_plan(log, zimage, (0x10000000, 0x50000000), prediction, {}, "console=ttyAMA0")
+    assert plan.entry == 0x10008000
+    assert plan.kernel_entry == 0x10000000 + 0x208000
+    assert plan.dtb == 0x11A50000
+    assert [(s.role, s.start, s.size) for s in plan.segments] == [
+        ("kernel", 0x10008000, 0x7273A8), ("initrd", 0x11510000, 0x53F46A), ("dtb", 0x11A50000, 0xB044)]
+    # The pattern window: from the zImage end rounded up to a page, to 1 MiB past the footprint's top.
+    assert plan.fill == (0x10730000, 0x11B10000 + (1 << 20))
+    assert plan.regions == (("kernel", 0x10208000, 0x11000000), ("decompressor.malloc", 0x11B00000, 0x11B10000))
+    gaps = free_window(*plan.fill, [(s.start, s.start + s.size) for s in plan.segments])
+    assert gaps == [(0x10730000, 0x11510000), (0x11A4F46A, 0x11A50000), (0x11A5B044, 0x11C10000)]
+
+
+# --- halt detection ----------------------------------------------------------------------------------------
+ARM_B_SELF = bytes((0xFE, 0xFF, 0xFF, 0xEA))  # 0xeafffffe: B with offset -8, i.e. to itself (ARM ARM A8.8.18)
+THUMB_B_SELF = bytes((0xFE, 0xE7))  # 0xe7fe: T2 encoding of B, offset -4
+
+
+def test_branch_to_self_in_arm_and_thumb_state():
+    assert is_branch_to_self(ARM_B_SELF, thumb=False)
+    assert is_branch_to_self(THUMB_B_SELF + b"\0\0", thumb=True)
+    assert not is_branch_to_self(bytes((0xFD, 0xFF, 0xFF, 0xEA)), thumb=False)  # b .-4
+    assert not is_branch_to_self(ARM_B_SELF, thumb=True)
+    assert not is_branch_to_self(bytes((0x00, 0xF0, 0x20, 0xE3)), thumb=False)  # nop
+
+
+@pytest.mark.parametrize(("cpsr", "final"), [
+    (0x600001D3, True),  # SVC, I and F masked: what the decompressor runs with
+    (0x60000153, False),  # F masked, I open: an IRQ handler could still change the return address
+    (0x60000093, False),  # I masked, F open
+    (None, False),  # CPSR unreadable: no proof
+])
+def test_a_halt_is_final_only_with_irq_and_fiq_masked(cpsr, final):
+    assert halted_for_good(ARM_B_SELF, cpsr) is final
+
+
+def test_thumb_state_comes_from_the_cpsr_t_bit():
+    assert halted_for_good(THUMB_B_SELF + b"\0\0", 0x600001F3)  # T set
+    assert not halted_for_good(THUMB_B_SELF + b"\0\0", 0x600001D3)  # T clear: read as ARM, not a b .
+
+
+# --- strings behind registers ------------------------------------------------------------------------------
+def test_string_at_and_string_before():
+    rodata = b"\0\0 -- System halted\0XZ-compressed data is corrupt\0\0\0Bug in the XZ\0"
+    past_corrupt = rodata.index(b"corrupt") + len(b"corrupt") + 1  # one past the NUL, as a print loop leaves it
+    assert string_before(rodata[:past_corrupt]) == "XZ-compressed data is corrupt"
+    assert string_at(rodata[past_corrupt:]) is None  # padding, not a string
+    at_bug = rodata.index(b"Bug")
+    assert string_at(rodata[at_bug:]) == "Bug in the XZ"
+    assert string_before(rodata[:at_bug]) is None  # at_bug - 1 is NUL but at_bug - 2 is too: empty string
+    assert string_at(b"short\0") is None and string_at(b"no terminator at all") is None
+    assert string_before(b"\x01\x02binary\x7f\x80junk\0") is None  # only 4 printable characters
+
+
+def test_locate_in_wants_exactly_one_occurrence():
+    assert locate_in(b"abcXYZdef", b"XYZ") == 3
+    assert locate_in(b"XYZabcXYZ", b"XYZ") is None
+    assert locate_in(b"abc", b"XYZ") is None
+
+
+# --- how far the output got, and the post-mortem text ------------------------------------------------------
+REGIONS = (("pagetables", 0x40204000, 0x40208000), ("kernel", 0x40208000, 0x415A90B4),
+           ("decompressor.copy", 0x415A9900, 0x41ADAA60))
+
+
+def test_output_progress_is_the_highest_write_inside_the_kernel_region():
+    writes = [(0x40204000, 0x4053A200), (0x4053B000, 0x40A83579), (0x415A9900, 0x41AE3250)]
+    got = output_progress(REGIONS, writes)
+    assert got == {"output_start": 0x40208000, "output_size": 0x13A10B4, "output_end": 0x40A83579}
+    assert output_progress(REGIONS, [(0x415A9900, 0x41AE3250)])["output_end"] is None
+    assert output_progress(REGIONS[2:], writes) == {}
+
+
+def _plan() -> Plan:
+    return Plan(entry=0x40008000, kernel_entry=0x40208000, text_offset=0x208000, text_offset_source="tag",
+                dtb=0x42200000, segments=(), fill=None, regions=REGIONS, ram=(0x40000000, 0x80000000))
+
+
+def test_hang_reasons_for_a_halted_decompressor():
+    hang = {"phase": "decompress", "deadline": 90.0, "waited": 2.0, "pc": 0x415AA324, "insn": "eafffffe",
+            "halted_for_good": True, "found_by": "halt check", "where": ["decompressor.copy"], "zimage_offset": 0x1AC4,
+            "strings": {"r0": {"past": "XZ-compressed data is corrupt"},
+                        "r3": {"past": "-- System halted", "at": "Attempting division by 0!"}},
+            "output_start": 0x40208000, "output_size": 0x13A10B4, "output_end": 0x40208000 + 0x13A10B4 // 4}
+    reasons = hang_reasons(hang, _plan())
+    assert reasons[0].startswith("the kernel entry 0x40208000 never came within the decompress deadline (90 s)")
+    assert "branch-to-self at 0x415aa324" in reasons[0] and "never will" in reasons[0]
+    assert reasons[1] == "PC 0x415aa324 lies in decompressor.copy = zImage file offset 0x1ac4"
+    # r3 is at one string and past another: a base pointer, ambiguous; only r0 is quoted.
+    assert [r for r in reasons if "message" in r or "string" in r] == [
+        "r0 points just past the message 'XZ-compressed data is corrupt' (as a print loop leaves its pointer)"]
+    assert reasons[-1].endswith("(25%)")
+
+
+def test_hang_reasons_at_the_deadline_without_a_halt():
+    hang = {"phase": "decompress", "deadline": 9.0, "waited": 9.0, "pc": 0x41000000, "insn": "e3a00000",
+            "halted_for_good": False, "found_by": "deadline", "where": [], "zimage_offset": None, "strings": {}}
+    reasons = hang_reasons(hang, _plan())
+    assert reasons[0] == ("the kernel entry 0x40208000 never came within the decompress deadline (9 s); "
+                          "halted after 9.0 s at PC 0x41000000 (instruction e3a00000)")
+    assert len(reasons) == 1
+    at_loop = hang | {"insn": "eafffffe", "halted_for_good": True}
+    assert hang_reasons(at_loop, _plan())[0].endswith(
+        "(instruction eafffffe), a branch-to-self with IRQ and FIQ masked: it never would have")
+
+
+def test_hang_reasons_when_the_vm_could_not_be_examined():
+    hang = {"phase": "handoff", "deadline": 30.0, "waited": 30.0, "error": "post-mortem incomplete: boom"}
+    assert hang_reasons(hang, _plan()) == [
+        "the zImage entry 0x40008000 never came within the handoff deadline (30 s); post-mortem incomplete: boom"]
+
+
+# --- kernel log lines in a RAM dump ------------------------------------------------------------------------
+def test_log_records_are_quoted_and_printk_formats_and_efi_strings_are_not():
+    ram = (b"\x00\x01Booting Linux Kernel...\x00"  # the EFI stub's plain string inside the zImage copy
+           b"\x00Kernel panic - not syncing: %s\n\x00"  # a printk format in .rodata: '%' before its NUL
+           b"\x00\x10\x00\x00Error: invalid dtb and unrecognized/unsupported machine ID\x00\x00"  # a record
+           b"\x00Booting Linux on physical CPU 0x0\x00\x00")
+    assert kernel_log_lines(ram) == ("Error: invalid dtb and unrecognized/unsupported machine ID",
+                                     "Booting Linux on physical CPU 0x0")
