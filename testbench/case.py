@@ -4,6 +4,7 @@
 always returns a CaseResult (a bench failure becomes verdict `error`), with QEMU dead by the time it returns.
 """
 
+import json
 import os
 import re
 import shlex
@@ -191,7 +192,7 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
         (share / "loader" / "lib").mkdir(exist_ok=True)
         _link_or_copy(lib, share / "loader" / "lib" / lib.name)
     _link_or_copy(loader.binary, share / "loader" / "kexec")
-    kexec_version = images.package("kexec-tools").version if request.kexec is None else None
+    kexec_version = images.package("kexec-tools").version if request.kexec is None else _built_version(loader.binary)
     inputs["kexec"] = describe("kexec", loader.binary, kexec_version)
 
     stage1_initrd = stage1_initramfs(images)
@@ -216,8 +217,19 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
                         payload_sha256=payload_sha, kexec_command=f"{run_kexec} {shlex.join(load_args)}")
 
 
+def _built_version(binary: Path) -> str | None:
+    """What scripts/build-kernel or scripts/build-kexec recorded next to its output (meta.json)."""
+    try:
+        meta = json.loads((binary.parent / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    source = meta.get("source") or {}
+    origin = source.get("version") or source.get("describe") or source.get("path") or source.get("kind")
+    return f"built {meta.get('name', binary.parent.name)}: {origin}, sha256 {str(meta.get('sha256', ''))[:12]}"
+
+
 def _version_of(images: Images, path: Path, package: str) -> str | None:
-    return images.package(package).version if path == images.zimage else None
+    return images.package(package).version if path == images.zimage else _built_version(path)
 
 
 def guest_commands(case: PreparedCase) -> list[str]:

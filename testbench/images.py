@@ -282,10 +282,10 @@ def built_dir(kind: str, name: str) -> Path:
     return cache_dir() / "built" / kind / name
 
 
-def _built_file(kind: str, name: str, file: str, script: str) -> Path:
+def _built_file(kind: str, name: str, file: str, how: str) -> Path:
     path = built_dir(kind, name) / file
     if not path.exists():
-        raise UserError(f"{BUILT_PREFIX}{name}: no such build in {path.parent.parent}; run `{script} {name}`")
+        raise UserError(f"{BUILT_PREFIX}{name}: no such build in {path.parent.parent}; make it with `{how}`")
     return path
 
 
@@ -295,7 +295,8 @@ def kernel_path(name: str | None) -> Path:
     if name in (None, "debian"):
         return load_images().zimage
     if name.startswith(BUILT_PREFIX):
-        return _built_file("kernels", name.removeprefix(BUILT_PREFIX), "zImage", "scripts/build-kernel")
+        variant = name.removeprefix(BUILT_PREFIX)
+        return _built_file("kernels", variant, "zImage", f"scripts/build-kernel {variant}")
     return Path(name).expanduser()
 
 
@@ -305,5 +306,7 @@ def kexec_path(name: str | None) -> Path | None:
     if name in (None, "debian"):
         return None
     if name.startswith(BUILT_PREFIX):
-        return _built_file("kexec", name.removeprefix(BUILT_PREFIX), "kexec", "scripts/build-kexec")
+        built = name.removeprefix(BUILT_PREFIX)
+        how = "scripts/build-kexec" if built == "debian-src" else f"scripts/build-kexec --name {built} SRC"
+        return _built_file("kexec", built, "kexec", how)
     return Path(name).expanduser()
