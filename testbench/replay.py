@@ -237,7 +237,10 @@ def replay(args: argparse.Namespace) -> dict:
     by_gdb = {r: v for r, v in placed.items() if v[0] < rom[1] and v[0] + v[1] > rom[0]}
     spec = QemuSpec(machine=m, ram=ram, kernel=None, initrd=None, append="", dtb=None, share=None,
                     loaders=tuple((files[r], a) for r, (a, _n) in placed.items() if r not in by_gdb))
-    deadlines = {"decompress": args.decompress_deadline} if getattr(args, "decompress_deadline", None) else None
+    deadline = getattr(args, "decompress_deadline", None)
+    if deadline is not None and not deadline > 0:
+        raise UserError(f"--decompress-deadline {deadline}: give a positive number of seconds")
+    deadlines = {"decompress": deadline} if deadline else None
     timings: dict[str, float] = {}
     stage2 = None
     t0 = time.monotonic()
@@ -256,6 +259,8 @@ def replay(args: argparse.Namespace) -> dict:
         kernel_stop = next(s for s in observation.stops if s.name == "kernel")
         if kernel_stop.seconds is not None:
             timings["stop_kernel"] = kernel_stop.seconds
+        if observation.hang:  # how long the bench waited before it halted the VM (halt check or deadline)
+            timings[f"{observation.hang['phase']}_waited"] = observation.hang["waited"]
         if until == "init" and observation.phase == "kernel":
             assert qemu.console is not None
             mib = (initrd.stat().st_size >> 20) + 1 if initrd is not None else 1
@@ -297,21 +302,14 @@ def handler(args: argparse.Namespace) -> int:
     for c in result["observed"]["clobbered"]:
         print(f"  clobbered {c['label']}")
     print(f"  oracle agrees: {result['oracle_agrees']}")
+    if result["stage2"]:
+        stage2 = result["stage2"]
+        print(f"  stage 2: payload sha256 {stage2['payload_sha256'][:16]}..., cmdline {stage2['cmdline']!r}")
     for line in result["reasons"]:
         print(f"  - {line}")
     json.dump({"out": str(Path(result["observed"]["dumps"]).parent)}, sys.stdout)
     print()
     return {"pass": 0, "fail": 1}.get(result["verdict"], 2)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
 
 
 def register(subparsers) -> None:
@@ -331,7 +329,7 @@ def register(subparsers) -> None:
     p.add_argument("--until", choices=("init", "kernel-entry"),
                    help="init: boot on to the stage-2 marker and check payload, DTB and cmdline (default with a "
                         "generated initrd); kernel-entry: judge the layout at the kernel entry (default otherwise)")
-    p.add_argument("--decompress-deadline", type=_seconds,
+    p.add_argument("--decompress-deadline", type=float,
                    help=f"seconds to wait for the kernel entry, before TESTBENCH_TIMEOUT_FACTOR "
                         f"(default {STOP_DEADLINES['decompress']:.0f})")
     p.add_argument("--no-halt-check", action="store_true",

@@ -116,8 +116,12 @@ def test_hand_chosen_safe_layout(images, tmp_path, initrd_file):
     assert on_disk["verdict"] == "pass"
 
 
-def test_bad_replay_input_is_one_line(images, tmp_path, capsys):
-    rc = main(["replay", "--machine", "virt", "--kernel-at", "0x10000000", "--dtb-at", "+0x100000",
-               "--out", str(tmp_path / "r")])
+@pytest.mark.parametrize(("extra", "says"), [
+    (["--kernel-at", "0x10000000", "--dtb-at", "+0x100000"], "outside RAM"),
+    (["--kernel-at", "+0x8000", "--dtb-at", "+0x2800000", "--initrd-size", "1M"], "--initrd-size needs --initrd-at"),
+    (["--kernel-at", "+0x8000", "--dtb-at", "+0x2800000", "--decompress-deadline", "0"], "positive number"),
+])
+def test_bad_replay_input_is_one_line(images, tmp_path, capsys, extra, says):
+    rc = main(["replay", "--machine", "virt", *extra, "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1 and "outside RAM" in err, err
+    assert rc == 2 and err.count("\n") == 1 and says in err, err
