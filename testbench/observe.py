@@ -315,6 +315,10 @@ def make_plan(log: KexecLog, zimage: ZImage, ram: tuple[int, int], prediction: d
     fill = None
     if kseg is not None:
         lo = (kseg.start + kseg.size + 0xFFF) & ~0xFFF
+        if zimage.inflated_size and kentry <= lo < kentry + zimage.inflated_size:
+            # The decompressed kernel's text+data is rewritten by design: filling it would cost seconds of
+            # gdb writes (the window's bulk) for nothing. The highest write lies above it.
+            lo = max(lo, (kentry + zimage.inflated_size) & ~0xFFF)
         hi = min(ram[1], (footprint_hi + FILL_ABOVE_FOOTPRINT) if footprint_hi else lo + FILL_DEFAULT)
         fill = (lo, hi)
     dtb = log.dtb.address if log.dtb else None
