@@ -346,15 +346,17 @@ def _run_case(case: PreparedCase, say, version: str, slot: Slot | None) -> CaseR
                         if stop.seconds is not None:
                             timings[f"stop_{stop.name}"] = stop.seconds
                     timings["observe"] = resumed_at - t_exec
+                    if observation.hang:  # no stop_kernel then: record how long the bench waited
+                        timings[f"{observation.hang['phase']}_waited"] = observation.hang["waited"]
                 if request.until == "kernel-entry":
                     ended_by = "kernel-entry"  # layout only: the ground truth is the verdict
                 elif observation is not None and observation.phase in ("handoff", "decompress"):
                     ended_by = "observed"  # the stop never came: the VM was halted and dumped
                 else:
                     entered = observation is not None and observation.phase == "kernel"
-                    ended_by = _watch_stage2(qemu, start, mib, resumed_at, entered)
+                    ended_by = watch_stage2(qemu, start, mib, resumed_at, entered)
                 if observation is not None and ended_by in ("silence", "timeout") and qemu.running():
-                    observation = replace(observation, kernel_log=_kernel_log(qemu, observer))
+                    observation = replace(observation, kernel_log=kernel_log_from_ram(qemu, observer))
                 timings["stage2"] = time.monotonic() - t_exec
                 after = console.text[start:]
                 if ended_by == "kernel-entry":
@@ -427,7 +429,7 @@ def _observer(case: PreparedCase, qemu: QemuProcess, log: kexeclog.KexecLog | No
     return Observer(qemu.sockets.gdb, qemu.pmemsave, plan, case.request.out / "observe")
 
 
-def _kernel_log(qemu: QemuProcess, observer: Observer) -> tuple[str, ...]:
+def kernel_log_from_ram(qemu: QemuProcess, observer: Observer) -> tuple[str, ...]:
     """After a silent stage 2: halt the VM (gdb has detached, so QMP owns it now) and grep the kernel's
     RAM for log lines; the log buffer lies in the kernel's data/bss above the kernel entry."""
     assert qemu.qmp is not None
@@ -445,7 +447,7 @@ def _kernel_log(qemu: QemuProcess, observer: Observer) -> tuple[str, ...]:
         return (f"(no post-mortem dump: {err})",)
 
 
-def _watch_stage2(qemu: QemuProcess, start: int, mib: int, resumed_at: float | None = None,
+def watch_stage2(qemu: QemuProcess, start: int, mib: int, resumed_at: float | None = None,
                   kernel_entered: bool = False) -> str:
     """Read the console after kexec -e until the marker, QEMU's exit, silence, or the deadline.
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .case import _kernel_log, _watch_stage2
+from .case import kernel_log_from_ram, watch_stage2
 from .errors import BenchError, UserError
 from .initramfs import Stage2Initrd, build_stage2_initrd
 from .kexeclog import KexecLog, Placed, Segment, parse_kexec_log
@@ -264,10 +264,10 @@ def replay(args: argparse.Namespace) -> dict:
         if until == "init" and observation.phase == "kernel":
             assert qemu.console is not None
             mib = (initrd.stat().st_size >> 20) + 1 if initrd is not None else 1
-            ended_by = _watch_stage2(qemu, 0, mib, resumed)
+            ended_by = watch_stage2(qemu, 0, mib, resumed, kernel_entered=True)
             text = qemu.console.text
             if ended_by in ("silence", "timeout") and qemu.running():
-                observation = replace(observation, kernel_log=_kernel_log(qemu, observer))
+                observation = replace(observation, kernel_log=kernel_log_from_ram(qemu, observer))
             timings["stage2"] = time.monotonic() - resumed
             parsed = parse_stage2(text)
             stage2 = parsed.to_dict() if parsed else None
