@@ -283,6 +283,11 @@ class GdbStub:
     def remove_hw_break(self, address: int) -> None:
         self.ok(f"z1,{address:x},4".encode())
 
+    def step(self, timeout: float = 5.0) -> Stop | None:
+        """Execute one instruction (QEMU steps with interrupts and timers masked) and return its stop."""
+        self._send_raw(frame(b"s"))
+        return self.wait_stop(timeout)
+
     def cont(self) -> None:
         """Resume; the stop reply is read later by wait_stop()."""
         self._send_raw(frame(b"c"))

@@ -466,6 +466,12 @@ class Observer:
         gaps = self._fill()
         if self.entry_break:
             self.gdb.remove_hw_break(self.plan.entry)  # or the CPU stops here again at once
+            if self.plan.kernel_entry == self.plan.entry:
+                # TEXT_OFFSET 0x8000: the kernel is entered where the zImage was. Step off the address
+                # first, then arm it again for the second stop.
+                if self.gdb.step() is None:
+                    raise GdbError(f"single step from the zImage entry {self.plan.entry:#x} did not stop")
+                self.gdb.set_hw_break(self.plan.kernel_entry)
         resumed = time.monotonic()
         self.gdb.cont()
         decompress = self.deadlines["decompress"] * factor

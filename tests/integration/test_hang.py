@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from testbench.case import TIMEOUTS, _watch_stage2
+from testbench.case import TIMEOUTS, watch_stage2
 from testbench.console import Console, ConsoleTimeout, timeout_factor
 from testbench.images import Images
 
@@ -158,7 +158,7 @@ def test_stage2_watch_ends_on_silence(serial: FakeSerial, tmp_path: Path, monkey
     try:
         serial.say("kexec_core: Starting new kernel\r\nBye!\r\n")
         console.wait_for("Bye!", 5, "Bye!")
-        assert _watch_stage2(SimpleNamespace(console=console), 0, 1) == "silence"
+        assert watch_stage2(SimpleNamespace(console=console), 0, 1) == "silence"
     finally:
         console.close()
 
@@ -170,7 +170,7 @@ def test_stage2_watch_with_debugger_waits_past_every_window(serial: FakeSerial, 
     console = _console(serial, tmp_path, debugger_attached=True)
     try:
         serial.say("Bye!\r\n")
-        thread, box = _in_thread(lambda: _watch_stage2(SimpleNamespace(console=console), 0, 1))
+        thread, box = _in_thread(lambda: watch_stage2(SimpleNamespace(console=console), 0, 1))
         thread.join(2.5)  # past both the 0.15 s silence window and the ~0.9 s deadline
         assert thread.is_alive() and not box, box
         serial.say('TESTBENCH-STAGE2 {"ok": true}\r\n')
