@@ -32,7 +32,9 @@ def outcome(result) -> dict:
     return {
         "verdict": result.verdict.verdict,
         "phase": result.verdict.phase,
-        "kexec_rc": result.kexec_rc,
+        # Not the exit status itself: for `-s` kexec-tools 2.0.25 exits 2 on some runs and 253 on others
+        # (seen with both binaries, same inputs, restored from the same snapshot).
+        "kexec_failed": result.kexec_rc != 0,
         "loader_version": result.loader_version,
         "placement": {role: (load[role]["address"], load[role]["size"])
                       for role in ("kernel", "initrd", "dtb") if role in load},
