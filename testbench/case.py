@@ -146,7 +146,8 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
     if request.until not in UNTIL:
         raise UserError(f"--until {request.until}: choose one of {', '.join(UNTIL)}")
     kernel = existing_file(request.kernel or images.zimage, "kernel")
-    zimage = read_zimage(kernel)
+    elf = kernel.parent / "decompressor.elf"  # scripts/build-kernel leaves it next to its zImage
+    zimage = read_zimage(kernel, elf if elf.is_file() else None)
     loader = check_kexec(request.kexec) if request.kexec else Loader(images.kexec, True, None)
     if request.initrd is not None:
         initrd_bytes = existing_file(request.initrd, "initrd").stat().st_size
@@ -331,6 +332,7 @@ def _run_case(case: PreparedCase, say, version: str, slot: Slot | None) -> CaseR
                 tail = " | ".join(debug_text.strip().splitlines()[-3:])
                 verdict = Verdict("fail", "load", (f"kexec -l exited {loaded.rc}: {tail}",))
             else:
+                phase = "handoff"  # from here an observer failure belongs to kexec -e, not to the load
                 observer = _observer(case, qemu, log, prediction) if request.observing else None
                 if observer is not None:
                     observer.arm()

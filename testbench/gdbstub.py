@@ -177,7 +177,10 @@ class GdbStub:
 
     def _send_raw(self, data: bytes) -> None:
         assert self._sock is not None
-        self._sock.sendall(data)
+        try:
+            self._sock.sendall(data)
+        except OSError as err:  # QEMU went away (poweroff, panic=-1, killed): a GdbError, not a traceback
+            raise GdbError(f"gdbstub connection lost ({err.strerror or err})") from None
 
     def _read_packet(self, deadline: float | None) -> bytes | None:
         while True:

@@ -169,12 +169,19 @@ def run_cell(cell: Cell, out: Path, mode: RunMode = RunMode()) -> dict:
 def run_matrix(cells: list[Cell], out: Path, jobs: int, progress=None, mode: RunMode = RunMode()) -> list[dict]:
     results: list[dict] = []
     started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
         futures = {pool.submit(run_cell, cell, out / cell.id, mode): cell for cell in profile_order(cells)}
         for future in as_completed(futures):
             results.append(future.result())
             if progress:
                 progress(len(results), len(cells), results[-1], time.monotonic() - started)
+    except BaseException:
+        # Ctrl-C / SIGTERM: start no queued cell; the running ones die with us (their runners have
+        # PR_SET_PDEATHSIG, and each runner's QEMU dies with its runner).
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     order = {cell.id: i for i, cell in enumerate(cells)}
     return sorted(results, key=lambda r: order[r["cell"]["id"]])
 

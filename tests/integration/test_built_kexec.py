@@ -5,6 +5,7 @@ Skipped (with the command that fixes it) when the build is not in the cache, sin
 """
 
 import json
+import re
 
 import pytest
 
@@ -67,5 +68,8 @@ def test_built_and_debian_kexec_agree(built_kexec, run_kexec_case, images, tmp_p
     # The guest's `kexec --version` of the build is recorded, and it is the release Debian packages.
     assert built.loader_version is not None
     assert images.package("kexec-tools").version.split(":")[-1].startswith(built.loader_version)
-    if case == "file-load-only":
-        assert built.verdict.reasons == debian.verdict.reasons
+    if case == "file-load-only":  # the same message; the exit status itself flips (see outcome())
+        def without_status(reasons):
+            return [re.sub(r"exited \d+", "exited N", r) for r in reasons]
+
+        assert without_status(built.verdict.reasons) == without_status(debian.verdict.reasons)
