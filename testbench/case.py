@@ -146,8 +146,7 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
     if request.until not in UNTIL:
         raise UserError(f"--until {request.until}: choose one of {', '.join(UNTIL)}")
     kernel = existing_file(request.kernel or images.zimage, "kernel")
-    elf = kernel.parent / "decompressor.elf"  # scripts/build-kernel leaves it next to its zImage
-    zimage = read_zimage(kernel, elf if elf.is_file() else None)
+    zimage = read_zimage(kernel)
     loader = check_kexec(request.kexec) if request.kexec else Loader(images.kexec, True, None)
     if request.initrd is not None:
         initrd_bytes = existing_file(request.initrd, "initrd").stat().st_size

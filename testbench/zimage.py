@@ -255,9 +255,14 @@ def parse_zimage(raw: bytes) -> ZImage:
     )
 
 
+# scripts/build-kernel leaves arch/arm/boot/compressed/vmlinux under this name next to its zImage.
+BUILT_DECOMPRESSOR_ELF = "decompressor.elf"
+
+
 def read_zimage(source: str | Path | bytes, decompressor_elf: str | Path | None = None,
                 vmlinux: str | Path | None = None) -> ZImage:
-    """Read a zImage from a path or bytes; ELF files, when given, override scanned values exactly."""
+    """Read a zImage from a path or bytes; ELF files, when given (or a built zImage's own decompressor ELF
+    beside it), override scanned values exactly."""
     if isinstance(source, bytes | bytearray | memoryview):
         raw = bytes(source)
     else:
@@ -266,6 +271,9 @@ def read_zimage(source: str | Path | bytes, decompressor_elf: str | Path | None 
         except OSError as exc:
             raise ZImageError(f"cannot read zImage {source}: {exc.strerror}") from None
     zi = parse_zimage(raw)
+    if decompressor_elf is None and not isinstance(source, bytes | bytearray | memoryview):
+        beside = Path(source).parent / BUILT_DECOMPRESSOR_ELF
+        decompressor_elf = beside if beside.is_file() else None
     if decompressor_elf is not None or vmlinux is not None:
         from .zimage_elf import decompressor_symbols, vmlinux_symbols
 
