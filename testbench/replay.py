@@ -28,10 +28,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from .case import kernel_log_from_ram, watch_stage2
-from .errors import BenchError, UserError
+from .errors import UserError
 from .initramfs import Stage2Initrd, build_stage2_initrd
 from .kexeclog import KexecLog, Placed, Segment, parse_kexec_log
 from .machines import Machine, get_machine
+from .memmap import dump_qemu_dtb
 from .observe import STOP_DEADLINES, Observer, make_plan
 from .oracle import analyze
 from .qemu import QemuProcess, QemuSpec, qemu_binary
@@ -68,10 +69,7 @@ def _board_dtb(m: Machine, ram: int, out: Path) -> Path:
     """The DTB the machine boots with: QEMU's own for virt (dumpdtb), the kernel package's otherwise."""
     target = out / "board.dtb"
     if m.qemu_generates_dtb:
-        run = subprocess.run([qemu_binary(), "-M", f"{m.qemu_machine},dumpdtb={target}", "-cpu", m.cpu,
-                              "-m", f"{ram >> 20}M", "-display", "none"], capture_output=True, text=True)
-        if run.returncode != 0 or not target.exists():
-            raise BenchError(f"qemu could not dump the {m.name} DTB: {run.stderr.strip()[:200]}")
+        target.write_bytes(dump_qemu_dtb(qemu_binary(), m, ram))
         return target
     from .images import load_images
 
