@@ -158,7 +158,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 # Options whose value is itself kexec options: argparse refuses `--kexec-args --image-size=X` (a value that
 # starts with "--"), so the pair is glued into `--kexec-args=--image-size=X` before parsing.
-DASH_VALUED = ("--kexec-args", "--tb-kexec-args")
+DASH_VALUED = ("--kexec-args",)
 
 
 def _glue_dash_values(argv: list[str]) -> list[str]:

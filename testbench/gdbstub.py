@@ -259,8 +259,9 @@ class GdbStub:
         offsets = list(range(0, len(data), WRITE_CHUNK))
         for first in range(0, len(offsets), WRITE_WINDOW):
             window = offsets[first:first + WRITE_WINDOW]
-            self._send_raw(b"".join(frame(f"M{address + off:x},{len(data[off:off + WRITE_CHUNK]):x}:"
-                                          f"{data[off:off + WRITE_CHUNK].hex()}".encode()) for off in window))
+            chunks = [(off, data[off:off + WRITE_CHUNK]) for off in window]
+            self._send_raw(b"".join(frame(f"M{address + off:x},{len(chunk):x}:{chunk.hex()}".encode())
+                                    for off, chunk in chunks))
             for off in window:
                 reply = self._read_packet(time.monotonic() + self.timeout)
                 if reply != b"OK":
