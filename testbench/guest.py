@@ -32,7 +32,9 @@ class Shell:
 
     def wait_ready(self, timeout: float) -> float:
         """Wait for the stage-1 init's ready line and its prompt; returns the guest uptime it reported."""
-        ready = self.console.wait_for(READY + r" ([\d.]+)", timeout, "the stage-1 shell")
+        # Patterns that capture a value end at the newline: the console is matched as it streams in, and
+        # `$` would also match the end of a half-received line ("...-2" of an exit status 253).
+        ready = self.console.wait_for(READY + r" ([\d.]+)\n", timeout, "the stage-1 shell")
         prompt = self.console.wait_for(PROMPT, timeout, "the stage-1 prompt", ready.offset)
         self._offset = prompt.offset
         return float(ready.match.group(1))
@@ -43,7 +45,7 @@ class Shell:
         started = time.monotonic()
         self.console.write(f'echo TB""B-{self.nonce}-{n}; {command}; echo TB""E-{self.nonce}-{n}-$?\n')
         first = self.console.wait_for(rf"^{begin}\n", timeout, what, self._offset)
-        last = self.console.wait_for(rf"^{end}-(\d+)$", timeout, what, first.offset)
+        last = self.console.wait_for(rf"^{end}-(\d+)\n", timeout, what, first.offset)
         self._offset = last.offset
         output = self.console.text[first.offset:last.offset - len(last.match.group(0))]
         return CommandResult(command, int(last.match.group(1)), output.rstrip("\n"), time.monotonic() - started)

@@ -19,7 +19,8 @@ PROGRESS = (
     ("init", r"Run /init as init process|TESTBENCH-STAGE2-INIT"),
 )
 
-STAGE2_MARKER = r"^TESTBENCH-STAGE2 (\{.*\})$"
+# Ends at the newline, not `$`: the console is matched while it streams in (see guest.Shell).
+STAGE2_MARKER = r"^TESTBENCH-STAGE2 (\{.*\})\n"
 
 
 @dataclass(frozen=True)

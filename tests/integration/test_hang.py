@@ -22,6 +22,7 @@ import pytest
 
 from testbench.case import TIMEOUTS, watch_stage2
 from testbench.console import Console, ConsoleTimeout, timeout_factor
+from testbench.guest import Shell
 from testbench.images import Images
 
 # Beyond the silence window: the 1 s polling step of the stage-2 watch, QEMU shutdown, a loaded host.
@@ -133,6 +134,24 @@ def test_console_wait_quotes_the_tail_on_timeout(serial: FakeSerial, tmp_path: P
         assert "waiting for a marker" in str(caught.value)
         assert caught.value.tail.splitlines()[-1] == "line 79"
         assert len(caught.value.tail.splitlines()) == 50  # the last 50 lines, not the whole log
+    finally:
+        console.close()
+
+
+def test_shell_reads_a_whole_exit_status_split_across_reads(serial: FakeSerial, tmp_path: Path) -> None:
+    # The serial port hands the console whatever bytes are there: "...-2" now, "53" a moment later. The
+    # exit status is 253 (kexec -s on a kernel without kexec_file_load), never the 2 of the first read.
+    console = _console(serial, tmp_path, debugger_attached=False)
+    try:
+        shell = Shell(console)
+        thread, box = _in_thread(lambda: shell.run("kexec -s -l zImage", 5, "kexec -l"))
+        serial.say(f"TBB-{shell.nonce}-1\r\nsyscall kexec_file_load not available.\r\nTBE-{shell.nonce}-1-2")
+        time.sleep(0.5)
+        serial.say("53\r\ntb1$ ")
+        thread.join(5)
+        assert not thread.is_alive() and "error" not in box, box
+        assert box["value"].rc == 253
+        assert box["value"].output == "syscall kexec_file_load not available."
     finally:
         console.close()
 
