@@ -18,7 +18,7 @@ from .console import ConsoleClosed, ConsoleTimeout, timeout_factor
 from .errors import BenchError, UserError
 from .guest import Shell
 from .images import Images
-from .initramfs import build_stage2_initrd, stage1_initramfs
+from .initramfs import cached_stage2_initrd, stage1_initramfs
 from .inputs import Input, Loader, check_dtb, check_kexec, describe, existing_file, loader_bundle
 from .machines import Machine
 from .memmap import PLAIN, dump_qemu_dtb, get_memmap, stage1_dtb
@@ -167,6 +167,8 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
     # The share may be copied rather than hard-linked (another filesystem): refuse a dir that cannot hold
     # it, so a full disk is one clear line here and not ENOSPC halfway through the run.
     need = kernel.stat().st_size + initrd_bytes + OUT_DIR_SLACK
+    if request.observing:  # both stops are dumped in full before the dumps that repeat a file are dropped
+        need += 2 * (kernel.stat().st_size + initrd_bytes)
     free = shutil.disk_usage(out).free
     if free < need:
         raise UserError(f"output dir {out}: only {free >> 10} KiB free, a case needs about {need >> 20} MiB")
@@ -180,9 +182,10 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
         _link_or_copy(request.initrd, share / "initrd.img")
         inputs["initrd"] = describe("initrd", request.initrd)
     else:
-        built = build_stage2_initrd(images, share / "initrd.img", request.initrd_size, request.seed)
+        built = cached_stage2_initrd(images, request.initrd_size, request.seed)
+        _link_or_copy(built.path, share / "initrd.img")
         payload_sha = built.payload_sha256
-        inputs["initrd"] = replace(describe("initrd", built.path),
+        inputs["initrd"] = replace(describe("initrd", share / "initrd.img"),
                                    version=f"stage2 payload {built.payload_size} bytes, seed {built.seed}")
     if dtb is not None:
         _link_or_copy(dtb, share / "board.dtb")

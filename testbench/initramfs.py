@@ -9,6 +9,7 @@ archives, and random bytes would not compress anyway.
 import gzip
 import hashlib
 import io
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -143,3 +144,31 @@ def build_stage2_initrd(images: Images, out: Path, payload_size: int, seed: int 
         writer.close()
     return Stage2Initrd(path=out, size=out.stat().st_size, payload_size=payload_size,
                         payload_sha256=hashlib.sha256(payload).hexdigest(), seed=seed)
+
+
+def cached_stage2_initrd(images: Images, payload_size: int, seed: int = 1) -> Stage2Initrd:
+    """The stage-2 initrd for (size, seed), built once into the image cache. Cases hard-link it into their
+    share: a matrix writes a 100 MB initrd per cell otherwise, and generating it costs time as well."""
+    base = stage2_base(images)
+    out_dir = images.root / "initramfs"
+    stem = f"stage2-initrd-{base.name.removeprefix('stage2-').removesuffix('.cpio.gz')}-{payload_size}-{seed}"
+    target, facts = out_dir / f"{stem}.img", out_dir / f"{stem}.json"
+    if target.exists() and facts.exists():
+        known = json.loads(facts.read_text())
+        if known.get("size") == target.stat().st_size:
+            return Stage2Initrd(path=target, size=known["size"], payload_size=payload_size,
+                                payload_sha256=known["payload_sha256"], seed=seed)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".build-")
+    os.close(fd)
+    try:
+        built = build_stage2_initrd(images, Path(tmp), payload_size, seed)
+        os.chmod(tmp, 0o444)  # shared through hard links: nothing may write it in place
+        facts_tmp = Path(tmp + ".json")
+        facts_tmp.write_text(json.dumps({"size": built.size, "payload_sha256": built.payload_sha256}) + "\n")
+        os.replace(facts_tmp, facts)  # facts first: an image is only trusted with its facts beside it
+        os.replace(tmp, target)  # atomic, so concurrent runs never see half an image
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        Path(tmp + ".json").unlink(missing_ok=True)
+    return Stage2Initrd(path=target, size=built.size, payload_size=payload_size,
+                        payload_sha256=built.payload_sha256, seed=seed)

@@ -17,6 +17,7 @@ was written in the pattern window (how far the decompressed output got) and any 
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
@@ -45,6 +46,10 @@ SCTLR_M = 1  # SCTLR bit 0: MMU enable
 # While waiting for the kernel entry, look at the PC this often: a CPU halted for good is found in seconds
 # instead of at the deadline. Not scaled: it is a sampling period, not a deadline.
 SPIN_SAMPLE = 1.0
+# Dumps kept as evidence: a segment that changed between the stops is kept whole up to this size; a bigger
+# one (a 100 MB initrd with 2 MB clobbered) keeps only its changed ranges, unless they are too many pieces.
+KEEP_WHOLE = 8 << 20
+MAX_PIECES = 64
 ARM_B_SELF = bytes.fromhex("feffffea")  # `b .` in ARM state (0xeafffffe, little-endian)
 THUMB_B_SELF = bytes.fromhex("fee7")  # `b .` in Thumb state (0xe7fe)
 CPSR_T, CPSR_F, CPSR_I = 1 << 5, 1 << 6, 1 << 7
@@ -144,6 +149,37 @@ def diff_ranges(old: bytes, new: bytes, coalesce: int = COALESCE) -> list[tuple[
         else:
             out.append((m.start(), m.end()))
     return out
+
+
+def keep_evidence(out: Path, segments: tuple[SegmentSpec, ...], first: dict[SegmentSpec, bytes],
+              second: dict[SegmentSpec, bytes]) -> list[dict]:
+    """Drop the dumps that repeat a file already in the case dir, and list what each stop held in
+    dumps.json: a matrix of 100 MB initrds wrote ~8 GB per run when every dump was kept."""
+    listing = []
+    for seg in segments:
+        stop1, stop2 = f"stop1-{seg.role}-{seg.start:08x}.bin", f"stop2-{seg.role}-{seg.start:08x}.bin"
+        entry: dict = {"segment": seg.role, "start": seg.start, "size": seg.size, "stop1": stop1}
+        if seg.source is not None and seg.role in ("kernel", "initrd") and \
+                first[seg] == seg.source.read_bytes()[:seg.size]:
+            (out / stop1).unlink()
+            entry["stop1"] = f"not kept: equal to {seg.source} as loaded"
+        changed = diff_ranges(first[seg], second[seg])
+        if not changed:
+            (out / stop2).unlink()
+            entry["stop2"] = "not kept: equal to stop 1"
+        elif seg.size > KEEP_WHOLE and len(changed) <= MAX_PIECES:
+            (out / stop2).unlink()
+            pieces = []
+            for s, e in changed:
+                piece = f"stop2-{seg.role}-{seg.start:08x}-changed-{seg.start + s:08x}-{seg.start + e:08x}.bin"
+                (out / piece).write_bytes(second[seg][s:e])
+                pieces.append(piece)
+            entry["stop2"] = pieces
+        else:
+            entry["stop2"] = stop2
+        listing.append(entry)
+    (out / "dumps.json").write_text(json.dumps(listing, indent=1) + "\n")
+    return listing
 
 
 def free_window(lo: int, hi: int, taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -485,6 +521,7 @@ class Observer:
         second = self._dump_segments("stop2")
         clobbered, by_design = self._clobbers(first, second)
         footprint = self._footprint(gaps, first, second)
+        keep_evidence(self.out, self.plan.segments, first, second)
         if self.plan.kernel_entry != self.plan.entry:
             self.gdb.remove_hw_break(self.plan.kernel_entry)
         self.gdb.detach()

@@ -5,6 +5,7 @@ Expected values come from DOMAIN.md, not from this code: the Debian armmp zImage
 inclusive (8.3); --image-size=0x2000000 fixes every machine (8.3)."""
 
 import json
+from pathlib import Path
 
 DOMAIN_VIRT_32M_CLOBBER_END = 0x1F624F + 1  # DOMAIN 8.3, exclusive end
 # A byte the decompressor writes with the value it already had is invisible; the last written bytes can
@@ -37,6 +38,15 @@ def test_virt_32m_default_initrd_clobbered_from_offset_zero(run_kexec_case):
     assert result.verdict.verdict == "fail"
     on_disk = json.loads((result.request.out / "result.json").read_text())
     assert on_disk["oracle_agrees"] is True and on_disk["observed"]["clobbered"]
+    # The evidence kept on disk: the 32 MB initrd's stop-2 dump is its clobbered bytes alone (the stop-1
+    # dump equalled the shared file), and the share holds a hard link to the cached initrd, not a copy.
+    dumps = Path(result.observed["dumps"])
+    listing = {d["segment"]: d for d in json.loads((dumps / "dumps.json").read_text())}
+    assert listing["initrd"]["stop1"].startswith("not kept: equal to")
+    first_piece = dumps / listing["initrd"]["stop2"][0]
+    assert first_piece.read_bytes()[:4] != (result.request.out / "share" / "initrd.img").read_bytes()[:4]
+    assert sum((dumps / name).stat().st_size for name in listing["initrd"]["stop2"]) < 4 << 20
+    assert (result.request.out / "share" / "initrd.img").stat().st_nlink >= 2
 
 
 def test_image_size_keeps_every_segment_intact(run_kexec_case):

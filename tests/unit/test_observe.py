@@ -10,13 +10,16 @@ from zimage_builder import build_zimage
 
 from testbench.kexeclog import parse_kexec_log
 from testbench.observe import (
+    KEEP_WHOLE,
     PATTERN,
     Plan,
+    SegmentSpec,
     diff_ranges,
     free_window,
     halted_for_good,
     hang_reasons,
     is_branch_to_self,
+    keep_evidence,
     kernel_log_lines,
     locate_in,
     make_plan,
@@ -224,3 +227,52 @@ def test_log_records_are_quoted_and_printk_formats_and_efi_strings_are_not():
            b"\x00Booting Linux on physical CPU 0x0\x00\x00")
     assert kernel_log_lines(ram) == ("Error: invalid dtb and unrecognized/unsupported machine ID",
                                      "Booting Linux on physical CPU 0x0")
+
+
+# --- keep_evidence: which dumps stay in the case dir ---------------------------------------------------------
+
+def _dumped(out, tag: str, seg: SegmentSpec, data: bytes) -> None:
+    (out / f"{tag}-{seg.role}-{seg.start:08x}.bin").write_bytes(data)
+
+
+def test_dumps_equal_to_their_file_or_to_stop1_are_dropped_and_listed(tmp_path):
+    image = bytes(range(256)) * 64
+    (tmp_path / "initrd.img").write_bytes(image)
+    seg = SegmentSpec("initrd", 0x41000000, len(image), tmp_path / "initrd.img")
+    _dumped(tmp_path, "stop1", seg, image)
+    _dumped(tmp_path, "stop2", seg, image)
+    listing = keep_evidence(tmp_path, (seg,), {seg: image}, {seg: image})
+    assert not list(tmp_path.glob("stop*.bin"))
+    assert listing[0]["stop1"].startswith("not kept: equal to") and str(tmp_path / "initrd.img") in listing[0]["stop1"]
+    assert listing[0]["stop2"] == "not kept: equal to stop 1"
+
+
+def test_a_small_changed_segment_is_kept_whole_and_a_bad_load_keeps_stop1(tmp_path):
+    image, loaded = _changed(4096, [10])  # stop 1 already differs from the file: load-fidelity evidence
+    (tmp_path / "initrd.img").write_bytes(image)
+    seg = SegmentSpec("initrd", 0x41000000, 4096, tmp_path / "initrd.img")
+    _, later = _changed(4096, [10, 2000])
+    _dumped(tmp_path, "stop1", seg, loaded)
+    _dumped(tmp_path, "stop2", seg, later)
+    listing = keep_evidence(tmp_path, (seg,), {seg: loaded}, {seg: later})
+    assert listing[0]["stop1"] == "stop1-initrd-41000000.bin"
+    assert listing[0]["stop2"] == "stop2-initrd-41000000.bin"
+    assert (tmp_path / "stop2-initrd-41000000.bin").read_bytes() == later
+
+
+def test_a_big_clobbered_segment_keeps_only_its_changed_ranges(tmp_path):
+    size = KEEP_WHOLE + 4096
+    image = bytes(size)
+    clobbered = bytearray(image)
+    clobbered[0:0x100] = b"\xaa" * 0x100  # the decompressor's copy over the start of the initrd
+    clobbered[0x5000:0x5004] = b"\x01\x02\x03\x04"
+    (tmp_path / "initrd.img").write_bytes(image)
+    seg = SegmentSpec("initrd", 0x418ED000, size, tmp_path / "initrd.img")
+    _dumped(tmp_path, "stop1", seg, image)
+    _dumped(tmp_path, "stop2", seg, bytes(clobbered))
+    listing = keep_evidence(tmp_path, (seg,), {seg: image}, {seg: bytes(clobbered)})
+    assert listing[0]["stop2"] == ["stop2-initrd-418ed000-changed-418ed000-418ed100.bin",
+                                   "stop2-initrd-418ed000-changed-418f2000-418f2004.bin"]
+    assert (tmp_path / listing[0]["stop2"][0]).read_bytes() == b"\xaa" * 0x100
+    assert (tmp_path / listing[0]["stop2"][1]).read_bytes() == b"\x01\x02\x03\x04"
+    assert sorted(p.name for p in tmp_path.glob("stop*.bin")) == sorted(listing[0]["stop2"])
