@@ -152,7 +152,7 @@ def diff_ranges(old: bytes, new: bytes, coalesce: int = COALESCE) -> list[tuple[
 
 
 def keep_evidence(out: Path, segments: tuple[SegmentSpec, ...], first: dict[SegmentSpec, bytes],
-              second: dict[SegmentSpec, bytes]) -> list[dict]:
+                  second: dict[SegmentSpec, bytes]) -> list[dict]:
     """Drop the dumps that repeat a file already in the case dir, and list what each stop held in
     dumps.json: a matrix of 100 MB initrds wrote ~8 GB per run when every dump was kept."""
     listing = []
