@@ -151,19 +151,43 @@ def diff_ranges(old: bytes, new: bytes, coalesce: int = COALESCE) -> list[tuple[
     return out
 
 
-def keep_evidence(out: Path, segments: tuple[SegmentSpec, ...], first: dict[SegmentSpec, bytes],
-                  second: dict[SegmentSpec, bytes]) -> list[dict]:
-    """Drop the dumps that repeat a file already in the case dir, and list what each stop held in
-    dumps.json: a matrix of 100 MB initrds wrote ~8 GB per run when every dump was kept."""
+def segment_changes(first: dict[SegmentSpec, bytes],
+                    second: dict[SegmentSpec, bytes]) -> dict[SegmentSpec, list[tuple[int, int]]]:
+    """Each segment's changed byte ranges between two dumps: computed once, read by every consumer."""
+    return {seg: diff_ranges(first[seg], second[seg]) for seg in first}
+
+
+def load_fidelity(first: dict[SegmentSpec, bytes]) -> tuple[list[str], set[SegmentSpec]]:
+    """Kernel and initrd segments at the first stop against the files they were loaded from: the problems,
+    and the segments that hold exactly their file."""
+    problems, as_loaded = [], set()
+    for seg, data in first.items():
+        if seg.source is None or seg.role not in ("kernel", "initrd"):
+            continue
+        want = seg.source.read_bytes()[:seg.size]
+        bad = diff_ranges(want, data)
+        if len(want) != seg.size:
+            problems.append(f"{seg.role} segment is {seg.size:#x} bytes, the file {len(want):#x}")
+        if bad:
+            problems.append(f"{seg.role} segment differs from {seg.source.name} at load: first at "
+                            f"+{bad[0][0]:#x}, {len(bad)} ranges")
+        elif len(want) == len(data):
+            as_loaded.add(seg)
+    return problems, as_loaded
+
+
+def keep_evidence(out: Path, second: dict[SegmentSpec, bytes], changes: dict[SegmentSpec, list[tuple[int, int]]],
+                  as_loaded: set[SegmentSpec]) -> list[dict]:
+    """Drop the dumps that repeat a file already in the case dir (a stop-1 dump of a segment `as_loaded`, a
+    stop-2 dump without `changes`), and list what each stop held in dumps.json: a matrix of 100 MB initrds
+    wrote ~8 GB per run when every dump was kept."""
     listing = []
-    for seg in segments:
+    for seg, changed in changes.items():
         stop1, stop2 = f"stop1-{seg.role}-{seg.start:08x}.bin", f"stop2-{seg.role}-{seg.start:08x}.bin"
         entry: dict = {"segment": seg.role, "start": seg.start, "size": seg.size, "stop1": stop1}
-        if seg.source is not None and seg.role in ("kernel", "initrd") and \
-                first[seg] == seg.source.read_bytes()[:seg.size]:
+        if seg in as_loaded:
             (out / stop1).unlink()
             entry["stop1"] = f"not kept: equal to {seg.source} as loaded"
-        changed = diff_ranges(first[seg], second[seg])
         if not changed:
             (out / stop2).unlink()
             entry["stop2"] = "not kept: equal to stop 1"
@@ -363,8 +387,10 @@ def make_plan(log: KexecLog, zimage: ZImage, ram: tuple[int, int], prediction: d
     return Plan(entry, kentry, to, source, dtb, tuple(segments), fill, bootargs, regions, ram)
 
 
-def _fdtget(path: Path, node: str, prop: str, kind: str) -> str | None:
-    run = subprocess.run(["fdtget", "-t", kind, str(path), node, prop], capture_output=True, text=True)
+def fdtget(path: Path, *args: str) -> str | None:
+    """`fdtget` on the DTB at `path` (options may follow the file: getopt permutes them): its output, or
+    None when the node or property is not there."""
+    run = subprocess.run(["fdtget", str(path), *args], capture_output=True, text=True)
     return run.stdout.strip() if run.returncode == 0 else None
 
 
@@ -373,13 +399,13 @@ def dtb_problems(path: Path, initrd: SegmentSpec | None, bootargs: str | None) -
     problems = []
     if initrd is not None:
         for prop, want in (("linux,initrd-start", initrd.start), ("linux,initrd-end", initrd.start + initrd.size)):
-            raw = _fdtget(path, "/chosen", prop, "x")
+            raw = fdtget(path, "-t", "x", "/chosen", prop)
             words = [int(w, 16) for w in raw.split()] if raw else []
             got = (words[0] << 32 | words[1]) if len(words) == 2 else (words[0] if words else None)
             if got != want:
                 problems.append(f"DTB /chosen/{prop} = {got if got is None else hex(got)}, plan says {want:#x}")
     if bootargs is not None:
-        got_args = _fdtget(path, "/chosen", "bootargs", "s")
+        got_args = fdtget(path, "-t", "s", "/chosen", "bootargs")
         if (got_args or "").strip() != bootargs.strip():
             problems.append(f"DTB /chosen/bootargs = {got_args!r}, plan says {bootargs!r}")
     return problems
@@ -463,22 +489,14 @@ class Observer:
     def _dump_segments(self, tag: str) -> dict[SegmentSpec, bytes]:
         return {s: self._dump(s.start, s.size, f"{tag}-{s.role}-{s.start:08x}.bin") for s in self.plan.segments}
 
-    def _fidelity(self, first: dict[SegmentSpec, bytes]) -> list[str]:
-        problems = []
+    def _fidelity(self, first: dict[SegmentSpec, bytes]) -> tuple[list[str], set[SegmentSpec]]:
+        problems, as_loaded = load_fidelity(first)
         for seg, data in first.items():
             if seg.role == "dtb":
                 (self.out / "dtb-as-loaded.dtb").write_bytes(data)
                 initrd = next((s for s in self.plan.segments if s.role == "initrd"), None)
                 problems += dtb_problems(self.out / "dtb-as-loaded.dtb", initrd, self.plan.bootargs)
-            elif seg.source is not None and seg.role in ("kernel", "initrd"):
-                want = seg.source.read_bytes()[:seg.size]
-                bad = diff_ranges(want, data)
-                if len(want) != seg.size:
-                    problems.append(f"{seg.role} segment is {seg.size:#x} bytes, the file {len(want):#x}")
-                if bad:
-                    problems.append(f"{seg.role} segment differs from {seg.source.name} at load: first at "
-                                    f"+{bad[0][0]:#x}, {len(bad)} ranges")
-        return problems
+        return problems, as_loaded
 
     def _fill(self) -> list[tuple[int, int]]:
         if self.plan.fill is None:
@@ -498,7 +516,7 @@ class Observer:
         if stop1 is None:
             return self._hung("handoff", (report1,), (), [], None, time.monotonic() - exec_at, handoff)
         first = self._dump_segments("stop1")
-        fidelity = self._fidelity(first)
+        fidelity, as_loaded = self._fidelity(first)
         gaps = self._fill()
         if self.entry_break:
             self.gdb.remove_hw_break(self.plan.entry)  # or the CPU stops here again at once
@@ -519,9 +537,10 @@ class Observer:
             return self._hung("decompress", (report1, report2), tuple(fidelity), gaps, first, waited, decompress,
                               halted)
         second = self._dump_segments("stop2")
-        clobbered, by_design = self._clobbers(first, second)
-        footprint = self._footprint(gaps, first, second)
-        keep_evidence(self.out, self.plan.segments, first, second)
+        changes = segment_changes(first, second)
+        clobbered, by_design = self._clobbers(changes)
+        footprint = self._footprint(gaps, changes)
+        keep_evidence(self.out, second, changes, as_loaded)
         if self.plan.kernel_entry != self.plan.entry:
             self.gdb.remove_hw_break(self.plan.kernel_entry)
         self.gdb.detach()
@@ -549,17 +568,16 @@ class Observer:
             self.gdb.cont()
         return None, None
 
-    def _clobbers(self, first: dict[SegmentSpec, bytes],
-                  second: dict[SegmentSpec, bytes]) -> tuple[tuple[Clobber, ...], tuple[Clobber, ...]]:
+    def _clobbers(self, changes: dict[SegmentSpec, list[tuple[int, int]]]
+                  ) -> tuple[tuple[Clobber, ...], tuple[Clobber, ...]]:
         clobbered, by_design = [], []
-        for seg in self.plan.segments:
-            for s, e in diff_ranges(first[seg], second[seg]):
+        for seg, changed in changes.items():
+            for s, e in changed:
                 c = Clobber(seg.role, seg.start + s, seg.start + e, s, e)
                 (by_design if seg.role == "kernel" else clobbered).append(c)
         return tuple(clobbered), tuple(by_design)
 
-    def _footprint(self, gaps: list[tuple[int, int]], first: dict[SegmentSpec, bytes],
-                   second: dict[SegmentSpec, bytes]) -> dict:
+    def _footprint(self, gaps: list[tuple[int, int]], changes: dict[SegmentSpec, list[tuple[int, int]]]) -> dict:
         """The highest byte the decompressor changed: pattern gaps and segments together."""
         highest = None
         for s, e in gaps:
@@ -568,8 +586,7 @@ class Observer:
             if changed:
                 highest = max(highest or 0, s + changed[-1][1])
             (self.out / f"fill-{s:08x}.bin").unlink()  # only the changed ranges matter; keep disk small
-        for seg in self.plan.segments:
-            changed = diff_ranges(first[seg], second[seg])
+        for seg, changed in changes.items():
             if changed:
                 highest = max(highest or 0, seg.start + changed[-1][1])
         top = self.plan.fill[1] if self.plan.fill else None
@@ -591,7 +608,7 @@ class Observer:
                 halted = self.gdb.interrupt()
             now = self._dump_segments(f"hung-{phase}")
             if first is not None:
-                clobbered, by_design = self._clobbers(first, now)
+                clobbered, by_design = self._clobbers(segment_changes(first, now))
             window = None
             if self.plan.fill is not None:
                 window = self._dump(self.plan.fill[0], self.plan.fill[1] - self.plan.fill[0], f"hung-{phase}-ram.bin")

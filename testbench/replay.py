@@ -33,7 +33,7 @@ from .initramfs import Stage2Initrd, build_stage2_initrd
 from .kexeclog import KexecLog, Placed, Segment, parse_kexec_log
 from .machines import Machine, get_machine
 from .memmap import dump_qemu_dtb
-from .observe import STOP_DEADLINES, Observer, make_plan
+from .observe import STOP_DEADLINES, Observer, fdtget, make_plan
 from .oracle import analyze
 from .qemu import QemuProcess, QemuSpec, qemu_binary
 from .report.artifacts import write_json_atomic, write_replay_svg
@@ -84,11 +84,6 @@ def _fdtput(dtb: Path, *args: str, optional: bool = False) -> None:
         raise UserError(f"{dtb}: cannot edit it with fdtput {' '.join(args[:3])}: {run.stderr.strip()}")
 
 
-def _fdtget(dtb: Path, *args: str) -> str | None:
-    run = subprocess.run(["fdtget", str(dtb), *args], capture_output=True, text=True)
-    return run.stdout.strip() if run.returncode == 0 else None
-
-
 def _patch_dtb(dtb: Path, initrd: tuple[int, int] | None, bootargs: str, ram: tuple[int, int] | None) -> None:
     """Write what a loader writes into /chosen, so the kernel finds the initrd and command line; with `ram`,
     make /memory say the RAM QEMU really has (a board DTB says what the board was sold with)."""
@@ -99,8 +94,8 @@ def _patch_dtb(dtb: Path, initrd: tuple[int, int] | None, bootargs: str, ram: tu
         _fdtput(dtb, "-t", "x", "/chosen", "linux,initrd-start", f"{initrd[0]:x}")
         _fdtput(dtb, "-t", "x", "/chosen", "linux,initrd-end", f"{initrd[0] + initrd[1]:x}")
     if ram is not None:
-        cells = int(_fdtget(dtb, "-t", "x", "/", "#address-cells") or "1", 16)
-        nodes = [n for n in (_fdtget(dtb, "-l", "/") or "").split() if n == "memory" or n.startswith("memory@")]
+        cells = int(fdtget(dtb, "-t", "x", "/", "#address-cells") or "1", 16)
+        nodes = [n for n in (fdtget(dtb, "-l", "/") or "").split() if n == "memory" or n.startswith("memory@")]
         if len(nodes) != 1 or cells not in (1, 2):
             raise UserError(f"{dtb}: expected one /memory node and #address-cells 1 or 2, found {nodes}, {cells}")
         words = [f"{x:x}" for x in ram] if cells == 1 else ["0", f"{ram[0]:x}", "0", f"{ram[1]:x}"]

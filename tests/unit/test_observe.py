@@ -21,10 +21,12 @@ from testbench.observe import (
     is_branch_to_self,
     keep_evidence,
     kernel_log_lines,
+    load_fidelity,
     locate_in,
     make_plan,
     output_progress,
     pattern_writes,
+    segment_changes,
     string_at,
     string_before,
 )
@@ -241,7 +243,9 @@ def test_dumps_equal_to_their_file_or_to_stop1_are_dropped_and_listed(tmp_path):
     seg = SegmentSpec("initrd", 0x41000000, len(image), tmp_path / "initrd.img")
     _dumped(tmp_path, "stop1", seg, image)
     _dumped(tmp_path, "stop2", seg, image)
-    listing = keep_evidence(tmp_path, (seg,), {seg: image}, {seg: image})
+    problems, as_loaded = load_fidelity({seg: image})
+    assert problems == [] and as_loaded == {seg}
+    listing = keep_evidence(tmp_path, {seg: image}, segment_changes({seg: image}, {seg: image}), as_loaded)
     assert not list(tmp_path.glob("stop*.bin"))
     assert listing[0]["stop1"].startswith("not kept: equal to") and str(tmp_path / "initrd.img") in listing[0]["stop1"]
     assert listing[0]["stop2"] == "not kept: equal to stop 1"
@@ -254,7 +258,10 @@ def test_a_small_changed_segment_is_kept_whole_and_a_bad_load_keeps_stop1(tmp_pa
     _, later = _changed(4096, [10, 2000])
     _dumped(tmp_path, "stop1", seg, loaded)
     _dumped(tmp_path, "stop2", seg, later)
-    listing = keep_evidence(tmp_path, (seg,), {seg: loaded}, {seg: later})
+    problems, as_loaded = load_fidelity({seg: loaded})
+    assert as_loaded == set()
+    assert problems == ["initrd segment differs from initrd.img at load: first at +0xa, 1 ranges"]
+    listing = keep_evidence(tmp_path, {seg: later}, segment_changes({seg: loaded}, {seg: later}), as_loaded)
     assert listing[0]["stop1"] == "stop1-initrd-41000000.bin"
     assert listing[0]["stop2"] == "stop2-initrd-41000000.bin"
     assert (tmp_path / "stop2-initrd-41000000.bin").read_bytes() == later
@@ -270,7 +277,9 @@ def test_a_big_clobbered_segment_keeps_only_its_changed_ranges(tmp_path):
     seg = SegmentSpec("initrd", 0x418ED000, size, tmp_path / "initrd.img")
     _dumped(tmp_path, "stop1", seg, image)
     _dumped(tmp_path, "stop2", seg, bytes(clobbered))
-    listing = keep_evidence(tmp_path, (seg,), {seg: image}, {seg: bytes(clobbered)})
+    _, as_loaded = load_fidelity({seg: image})
+    listing = keep_evidence(tmp_path, {seg: bytes(clobbered)}, segment_changes({seg: image}, {seg: bytes(clobbered)}),
+                            as_loaded)
     assert listing[0]["stop2"] == ["stop2-initrd-418ed000-changed-418ed000-418ed100.bin",
                                    "stop2-initrd-418ed000-changed-418f2000-418f2004.bin"]
     assert (tmp_path / listing[0]["stop2"][0]).read_bytes() == b"\xaa" * 0x100
