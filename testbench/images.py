@@ -193,11 +193,20 @@ def _cache_lock(root: Path) -> Iterator[None]:
         yield
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temp file beside `path` and rename: a concurrent reader sees the old file or the whole
+    new one, never half of it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2).encode())
 
 
 def _fetch_one(root: Path, fields: dict[str, str], say: Callable[[str], None]) -> Package:

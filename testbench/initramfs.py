@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .cpio import CpioWriter
 from .errors import BenchError
-from .images import Images
+from .images import Images, write_atomic
 
 RECIPES = Path(__file__).resolve().parent.parent / "images"
 PAYLOAD_NAME = "payload.bin"
@@ -76,10 +76,7 @@ def _cached(images: Images, kind: str, key_parts: list[bytes], build) -> Path:
     if not target.exists():
         raw = io.BytesIO()
         build(CpioWriter(raw))
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".build-")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(gzip.compress(raw.getvalue(), compresslevel=6, mtime=0))
-        os.replace(tmp, target)  # atomic, so concurrent runs never see half an archive
+        write_atomic(target, gzip.compress(raw.getvalue(), compresslevel=6, mtime=0))
     return target
 
 
@@ -163,12 +160,10 @@ def cached_stage2_initrd(images: Images, payload_size: int, seed: int = 1) -> St
     try:
         built = build_stage2_initrd(images, Path(tmp), payload_size, seed)
         os.chmod(tmp, 0o444)  # shared through hard links: nothing may write it in place
-        facts_tmp = Path(tmp + ".json")
-        facts_tmp.write_text(json.dumps({"size": built.size, "payload_sha256": built.payload_sha256}) + "\n")
-        os.replace(facts_tmp, facts)  # facts first: an image is only trusted with its facts beside it
+        # Facts first: an image is only trusted with its facts beside it.
+        write_atomic(facts, (json.dumps({"size": built.size, "payload_sha256": built.payload_sha256}) + "\n").encode())
         os.replace(tmp, target)  # atomic, so concurrent runs never see half an image
     finally:
         Path(tmp).unlink(missing_ok=True)
-        Path(tmp + ".json").unlink(missing_ok=True)
     return Stage2Initrd(path=target, size=built.size, payload_size=payload_size,
                         payload_sha256=built.payload_sha256, seed=seed)

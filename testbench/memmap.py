@@ -6,7 +6,6 @@ works around them, and the second kernel inherits the same DTB. DTBs are cached 
 """
 
 import hashlib
-import os
 import subprocess
 import tempfile
 import tomllib
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BenchError, UserError
+from .images import write_atomic
 from .machines import Machine
 from .sizes import format_size, parse_size
 
@@ -108,11 +108,7 @@ def stage1_dtb(cache_root: Path, board_dtb: bytes, memmap: MemMap, ram_base: int
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{memmap.name}-{key}.dtb"
     if not target.exists():
-        data = with_holes(board_dtb, memmap.holes(ram_base))
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".dtb-")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, target)
+        write_atomic(target, with_holes(board_dtb, memmap.holes(ram_base)))
     return target
 
 

@@ -3,13 +3,12 @@ memory map (layout.svg: the oracle's layout and predicted collisions, and with -
 clobbered ranges the emulator saw)."""
 
 import json
-import os
 import shlex
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..images import write_atomic
 from ..qemu import qemu_args
 from .svg import memory_map_svg
 
@@ -18,12 +17,8 @@ if TYPE_CHECKING:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write via a temp file and rename, so nobody ever reads half a result."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
+    """Nobody ever reads half a result."""
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def repro_script(case: "PreparedCase") -> str:
