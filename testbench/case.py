@@ -166,9 +166,10 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
         raise UserError(f"output dir {out}: cannot write ({err.strerror})") from None
     # The share may be copied rather than hard-linked (another filesystem): refuse a dir that cannot hold
     # it, so a full disk is one clear line here and not ENOSPC halfway through the run.
-    need = kernel.stat().st_size + initrd_bytes + OUT_DIR_SLACK
+    kernel_bytes = kernel.stat().st_size
+    need = kernel_bytes + initrd_bytes + OUT_DIR_SLACK
     if request.observing:  # both stops are dumped in full before the dumps that repeat a file are dropped
-        need += 2 * (kernel.stat().st_size + initrd_bytes)
+        need += 2 * (kernel_bytes + initrd_bytes)
     free = shutil.disk_usage(out).free
     if free < need:
         raise UserError(f"output dir {out}: only {free >> 10} KiB free, a case needs about {need >> 20} MiB")

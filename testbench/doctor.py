@@ -87,8 +87,6 @@ def check_armhf() -> Iterator[Finding]:
         yield Finding("ok", "dpkg foreign architecture armhf enabled")
 
 
-
-
 def check_cache() -> Iterator[Finding]:
     from .images import cache_dir
 
