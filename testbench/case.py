@@ -84,6 +84,7 @@ class PreparedCase:
     inputs: dict[str, Input]
     payload_sha256: str | None
     kexec_command: str
+    image_set: dict  # Images.provenance(): the Debian suite, its lock and any drift from it
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class CaseResult:
     observed: dict | None = None  # observe.Observation.to_dict(), with --observe
     oracle: dict | None = None  # verdict.compare_oracle(): does the oracle agree with the emulator?
     stage1: dict | None = None  # how stage 1 came up: booted, booted and saved, or restored (+ snapshot key)
+    image_set: dict | None = None  # where the Debian inputs came from (suite, lock, drift)
 
     def to_dict(self) -> dict:
         m = self.request.machine
@@ -117,7 +119,8 @@ class CaseResult:
             "load": self.load,
             "predicted": self.predicted,
             "stage2": self.stage2,
-            "inputs": {role: i.to_dict() for role, i in self.inputs.items()},
+            "inputs": {**({"debian": self.image_set} if self.image_set else {}),
+                       **{role: i.to_dict() for role, i in self.inputs.items()}},
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "kexec_rc": self.kexec_rc,
             "loader_version": self.loader_version,
@@ -218,6 +221,7 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
                  f"--dtb={GUEST_SHARE}/board.dtb", f"--command-line={request.stage2_cmdline}",
                  *request.kexec_args]
     return PreparedCase(request=request, share=share, stage1=stage1, zimage=zimage, loader=loader, inputs=inputs,
+                        image_set=images.provenance(),
                         payload_sha256=payload_sha, kexec_command=f"{run_kexec} {shlex.join(load_args)}")
 
 
@@ -391,7 +395,8 @@ def _run_case(case: PreparedCase, say, version: str, slot: Slot | None) -> CaseR
     timings["total"] = sum(v for k, v in timings.items() if k in ("boot1", "setup", "load", "stage2"))
     result = CaseResult(request=request, verdict=verdict, timings=timings, inputs=case.inputs, load=load,
                         stage2=stage2, kexec_rc=kexec_rc, qemu_version=version, predicted=prediction,
-                        loader_version=loader_version, observed=observed, oracle=oracle, stage1=stage1)
+                        loader_version=loader_version, observed=observed, oracle=oracle, stage1=stage1,
+                        image_set=case.image_set)
     write_case_artifacts(case, result, commands)
     return result
 

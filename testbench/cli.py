@@ -95,12 +95,21 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
-    from .images import fetch_images, load_images
+    from .fetch import fetch_images, lock_images
+    from .images import load_images
 
-    images = fetch_images(_say) if args.action == "fetch" else load_images()
+    if args.action == "lock":
+        lock_images(args.suite, _say)
+        return 0
+    if args.action == "fetch":
+        images = fetch_images(args.suite, _say, drift_ok=True if args.allow_drift else None)
+    else:
+        images = load_images(args.suite)
     for package in images.packages:
         print(f"{package.name:<28} {package.version:<34} {package.sha256}")
-    print(f"cache: {images.root}  kernel: {images.kernel_release}")
+    for item in images.drift:
+        print(f"DRIFT {item.describe()}")
+    print(f"cache: {images.root}  suite: {images.suite}  kernel: {images.kernel_release}")
     return 0
 
 
@@ -136,8 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "machine, RAM and the stage-1 files, and made by the first case of each profile)")
     run.set_defaults(func=cmd_run)
 
-    images = sub.add_parser("images", help="fetch or list the Debian armhf inputs in the image cache")
-    images.add_argument("action", choices=("fetch", "list"))
+    images = sub.add_parser("images", help="fetch, list or lock the Debian armhf inputs (images/lock.toml)")
+    images.add_argument("action", choices=("fetch", "list", "lock"),
+                        help="fetch: install the locked set into the cache; list: show it; lock: rewrite the "
+                             "suite's locked set from the archive as it is now")
+    images.add_argument("--suite", help="Debian suite, e.g. bookworm or trixie (default: the lock's default)")
+    images.add_argument("--allow-drift", action="store_true",
+                        help="fetch: when a locked version left the archive, take the current set and record "
+                             "the drift (same as TESTBENCH_ALLOW_DRIFT=1)")
     images.set_defaults(func=cmd_images)
 
     # Each further stage adds its own subcommands through a module-level register(subparsers).

@@ -1,7 +1,9 @@
 """`testbench doctor`: is this machine ready to run the bench? Each problem comes with the command that fixes it.
 
-Checks QEMU (present, >= 7.0, the boards of machines.toml), the armhf foreign architecture, the image cache
-(manifest, every unpacked tree, every .deb against the sha256 in the manifest), free disk for the cache and
+Checks QEMU (present, >= 7.0, the boards of machines.toml), the Debian archive keyring, the image cache
+(the default suite's manifest fetched from the lock in force, every unpacked tree, every .deb against its
+sha256), the files each machine's case opens and the board started with exactly the bench's devices, free
+disk for the cache and
 the output dir, the Python dependencies, and the host tools (dtc, fdtget, depmod). Exit 0 when nothing
 fails (warnings, such as low disk, are printed but do not fail), 1 when a check fails.
 """
@@ -11,8 +13,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +25,8 @@ from .errors import UserError
 from .images import sha256_file
 
 LOW_DISK = 2 << 30
+# A board that cannot start (missing ROM, bad device) exits within a fraction of a second.
+QEMU_START_PROBE = 1.5
 SETUP = "scripts/setup"
 # module to import -> the distribution that provides it (pyproject's dependencies and the dev extra).
 PYTHON_DEPS = {"qemu.qmp": "qemu.qmp", "elftools": "pyelftools", "pytest": "pytest", "xdist": "pytest-xdist"}
@@ -75,34 +81,45 @@ def check_qemu() -> Iterator[Finding]:
         yield Finding("ok", f"QEMU machines present: {', '.join(sorted(wanted))}")
 
 
-def check_armhf() -> Iterator[Finding]:
-    done = _run(["dpkg", "--print-foreign-architectures"])
-    if done is None:
-        yield Finding("fail", "dpkg not found: the image cache is built with apt on Debian 12",
-                      f"run the bench on Debian 12 ({SETUP})")
-    elif "armhf" not in done.stdout.split():
-        yield Finding("fail", "the armhf architecture is not enabled in dpkg",
-                      "dpkg --add-architecture armhf && apt-get update")
+def check_keyring() -> Iterator[Finding]:
+    from .apt import KEYRING
+
+    if KEYRING.is_file():
+        yield Finding("ok", f"Debian archive keyring {KEYRING} (the private apt's only trust)")
     else:
-        yield Finding("ok", "dpkg foreign architecture armhf enabled")
+        yield Finding("fail", f"{KEYRING} is missing: the guest images cannot be verified",
+                      "apt-get install debian-archive-keyring")
 
 
 def check_cache() -> Iterator[Finding]:
-    from .images import cache_dir
+    from .images import cache_dir, manifest_path
+    from .lock import read_lock
 
     root = cache_dir()
-    fetch = "testbench images fetch"
-    manifest_path = root / "manifest.json"
-    if not manifest_path.is_file():
-        yield Finding("fail", f"image cache {root}: no manifest.json (nothing fetched yet)", fetch)
+    try:
+        locked = read_lock().suite(None)
+    except UserError as err:
+        yield Finding("fail", str(err), "git checkout images/lock.toml")
+        return
+    fetch = f"testbench images fetch --suite {locked.suite}"
+    path = manifest_path(locked.suite)
+    if not path.is_file():
+        yield Finding("fail", f"image cache {root}: no {locked.suite} images (nothing fetched yet)", fetch)
         return
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(path.read_text())
         packages = [(p["name"], p["sha256"], p["deb"], p["tree"]) for p in manifest["packages"]]
         kernel = manifest["kernel_package"]
+        fetched_from = manifest.get("lock_sha256")
     except (OSError, ValueError, KeyError, TypeError) as err:
-        yield Finding("fail", f"image cache {root}: manifest.json is unreadable ({err})", fetch)
+        yield Finding("fail", f"image cache {root}: {path.name} is unreadable ({err})", fetch)
         return
+    if fetched_from != locked.sha256:
+        yield Finding("fail", f"image cache {root}: the {locked.suite} set was fetched from another lock", fetch)
+        return
+    for drift in manifest.get("drift", ()):
+        yield Finding("warn", f"image cache: {drift['name']} drifted from the lock ({drift['locked']} locked, "
+                      f"{drift['now']} fetched)", f"testbench images lock --suite {locked.suite}")
     problems = 0
     for name, sha, deb, tree in packages:
         if not (root / "tree" / tree).is_dir():
@@ -127,7 +144,56 @@ def check_cache() -> Iterator[Finding]:
         if not wanted <= names:
             yield Finding("fail", f"image cache: manifest lacks {', '.join(sorted(wanted - names))}", fetch)
         else:
-            yield Finding("ok", f"image cache {root}: {len(packages)} armhf packages, every .deb matches its sha256")
+            yield Finding("ok", f"image cache {root}: {locked.suite}, {len(packages)} armhf packages as locked, "
+                          "every .deb matches its sha256")
+
+
+def check_case_files() -> Iterator[Finding]:
+    """The files a case opens, per machine: the stage-1 kernel, busybox, kexec and its libraries, the board's
+    DTB; and the board itself started with exactly the devices a case gives it (a missing ROM or firmware
+    stops QEMU at once: that is how virt's default NIC failed on a fresh machine)."""
+    from .images import load_images
+    from .machines import all_machines
+    from .qemu import QemuSpec, qemu_args, qemu_binary
+
+    try:
+        images = load_images()
+        binary = qemu_binary()
+    except UserError:
+        return  # check_cache / check_qemu already said why
+    common = [images.zimage, images.busybox, images.kexec, images.modules_dir / "modules.dep"]
+    for machine in all_machines().values():
+        files = [*common] + ([] if machine.qemu_generates_dtb else [images.dtb_dir / machine.dtb])
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            yield Finding("fail", f"{machine.name}: a case would open missing files: {', '.join(missing)}",
+                          f"testbench images fetch --suite {images.suite}")
+            continue
+        with tempfile.TemporaryDirectory(prefix="tb-doctor-") as share:
+            spec = QemuSpec(machine=machine, ram=machine.default_ram, kernel=None, initrd=None, append="",
+                            dtb=None, share=Path(share))
+            args = [binary, *qemu_args(spec, None)[1:], "-S"]
+            problem = _starts(args, dict(machine.env))
+        if problem:
+            yield Finding("fail", f"{machine.name}: QEMU does not start with the bench's devices: {problem}",
+                          f"apt-get install --reinstall {binary.rsplit('/', 1)[-1]}")
+        else:
+            yield Finding("ok", f"{machine.name}: {len(files)} input files present; the board starts with "
+                          "-nodefaults and the bench's devices")
+
+
+def _starts(args: list[str], env: dict[str, str]) -> str | None:
+    """None when QEMU is still up after a moment (paused with -S, nothing runs), else its last stderr line."""
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, **env}, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=QEMU_START_PROBE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return None
+    lines = err.decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else f"exit code {proc.returncode}"
 
 
 def _free(path: Path) -> int:
@@ -175,7 +241,7 @@ def check_tools() -> Iterator[Finding]:
 
 
 def diagnose(out: Path) -> list[Finding]:
-    checks: list[Callable[[], Iterator[Finding]]] = [check_qemu, check_armhf, check_cache,
+    checks: list[Callable[[], Iterator[Finding]]] = [check_qemu, check_keyring, check_cache, check_case_files,
                                                       lambda: check_disk(out), check_python, check_tools]
     return [finding for check in checks for finding in check()]
 

@@ -1,34 +1,40 @@
-"""Guest inputs: Debian armhf packages fetched with apt-get, unpacked into a sha256-keyed cache.
+"""Guest inputs: a locked set of Debian armhf packages, fetched through a private apt configuration and
+unpacked into a sha256-keyed cache.
 
-The cache lives outside git ($TESTBENCH_CACHE, default ~/.cache/testbench). `fetch_images()` resolves the
-package set from apt's metadata (the kernel that linux-image-armmp depends on, busybox-static, kexec-tools
-and the shared libraries it needs), downloads what is missing, checks each .deb against the sha256 apt
-advertises, unpacks it into `tree/<sha256>/` and writes `manifest.json` last, atomically. `load_images()`
-only reads the manifest, so a run never downloads; with TESTBENCH_OFFLINE=1 fetching is refused too.
+The cache lives outside git ($TESTBENCH_CACHE, default ~/.cache/testbench). `images/lock.toml` (lock.py)
+names, per Debian suite, every package by version and sha256: the kernel that linux-image-armmp depended on,
+busybox-static, kexec-tools and the shared libraries it needs. `fetch_images()` downloads what the cache lacks
+through the suite's private apt (apt.py: the host's sources never decide what is fetched), checks each .deb
+against the lock's sha256, unpacks it into `tree/<sha256>/` and writes `suites/<suite>/manifest.json` last,
+atomically. `load_images()` only reads the manifest, so a run never downloads; with TESTBENCH_OFFLINE=1
+fetching is refused too.
 """
 
 import fcntl
 import hashlib
 import json
 import os
-import re
-import shutil
-import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BenchError, UserError
+from .lock import read_lock
 
-ARCH = "armhf"
+DEFAULT_SUITE = "bookworm"
+DRIFT_ENV = "TESTBENCH_ALLOW_DRIFT"
 KERNEL_METAPACKAGE = "linux-image-armmp"
 ROOT_PACKAGES = ("busybox-static", "kexec-tools")
 # Only dependencies in these sections are followed: they hold the shared objects kexec needs, whereas
 # debconf, dpkg or tar (section admin/utils) are packaging machinery a static guest never runs.
 LIBRARY_SECTIONS = {"libs"}
+
+
+def _say_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def cache_dir() -> Path:
@@ -53,13 +59,35 @@ class Package:
 
 
 @dataclass(frozen=True)
+class Drift:
+    """A package the cache holds in another version than the lock names (taken with TESTBENCH_ALLOW_DRIFT)."""
+
+    name: str
+    locked: str | None
+    now: str | None
+
+    def describe(self) -> str:
+        return f"{self.name}: locked {self.locked or '(none)'}, fetched {self.now or '(none)'}"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "locked": self.locked, "now": self.now}
+
+
+@dataclass(frozen=True)
 class Images:
     """Paths into the unpacked cache, plus the provenance of every package."""
 
     root: Path
+    suite: str
     kernel_package: str
     kernel_release: str
     packages: tuple[Package, ...]
+    lock_sha256: str = ""
+    drift: tuple[Drift, ...] = ()
+
+    def provenance(self) -> dict:
+        """What result.json says about where the guest images came from."""
+        return {"suite": self.suite, "lock_sha256": self.lock_sha256, "drift": [d.to_dict() for d in self.drift]}
 
     def tree(self, name: str) -> Path:
         for package in self.packages:
@@ -96,86 +124,6 @@ class Images:
                                                                                      "kexec-tools")]
 
 
-# --- apt metadata ---------------------------------------------------------------------------------
-
-
-def _run(cmd: list[str], cwd: Path | None = None) -> str:
-    try:
-        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise BenchError(f"{cmd[0]} not found; run scripts/setup on a Debian 12 machine") from None
-    if done.returncode != 0:
-        raise BenchError(f"{' '.join(cmd)} failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
-    return done.stdout
-
-
-def _show(name: str) -> dict[str, str]:
-    """The candidate version's fields from `apt-cache show`; empty when apt has no armhf package of that name
-    (an Architecture: all package such as debconf, or a virtual one)."""
-    done = subprocess.run(["apt-cache", "show", "--no-all-versions", f"{name}:{ARCH}"],
-                          capture_output=True, text=True, check=False)
-    out = done.stdout if done.returncode == 0 else ""
-    fields: dict[str, str] = {}
-    key = ""
-    for line in out.splitlines():
-        if not line.strip():
-            break  # only the first (candidate) stanza
-        if line[0].isspace() and key:
-            fields[key] += "\n" + line.strip()
-        elif ":" in line:
-            key, _, value = line.partition(":")
-            fields[key] = value.strip()
-    return fields
-
-
-def _show_required(name: str) -> dict[str, str]:
-    fields = _show(name)
-    if "Package" not in fields:
-        raise BenchError(
-            f"apt knows no {name}:{ARCH}; run `dpkg --add-architecture {ARCH} && apt-get update` (scripts/setup)"
-        )
-    return fields
-
-
-def _dependency_names(fields: dict[str, str]) -> list[str]:
-    names = []
-    for key in ("Pre-Depends", "Depends"):
-        for clause in filter(None, (c.strip() for c in fields.get(key, "").split(","))):
-            first = clause.split("|")[0].strip()
-            names.append(re.split(r"[\s(:]", first, maxsplit=1)[0])
-    return names
-
-
-def kernel_package_name() -> str:
-    for name in _dependency_names(_show_required(KERNEL_METAPACKAGE)):
-        if name.startswith("linux-image-") and name.endswith("-armmp"):
-            return name
-    raise BenchError(f"{KERNEL_METAPACKAGE}:{ARCH} does not depend on a linux-image-*-armmp package")
-
-
-def resolve_package_set() -> tuple[str, dict[str, dict[str, str]]]:
-    """The kernel package name and the apt fields of every package to fetch (roots + library closure)."""
-    kernel = kernel_package_name()
-    wanted: dict[str, dict[str, str]] = {}
-    queue = [kernel, *ROOT_PACKAGES]
-    roots = set(queue)
-    while queue:
-        name = queue.pop()
-        if name in wanted:
-            continue
-        fields = _show_required(name) if name in roots else _show(name)
-        if name not in roots and (fields.get("Section") not in LIBRARY_SECTIONS
-                                  or fields.get("Architecture") != ARCH):
-            continue
-        wanted[name] = fields
-        if name != kernel:  # the kernel's dependencies (initramfs tools, firmware) are host-side tooling
-            queue.extend(_dependency_names(fields))
-    return kernel, wanted
-
-
-# --- fetching -------------------------------------------------------------------------------------
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -209,76 +157,38 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     write_atomic(path, json.dumps(data, indent=2).encode())
 
 
-def _fetch_one(root: Path, fields: dict[str, str], say: Callable[[str], None]) -> Package:
-    name, version, sha = fields["Package"], fields["Version"], fields["SHA256"]
-    debs, trees = root / "debs", root / "tree"
-    debs.mkdir(exist_ok=True)
-    trees.mkdir(exist_ok=True)
-    deb = debs / f"{name}_{version.replace(':', '%3a')}_{ARCH}.deb"
-    if not (deb.exists() and sha256_file(deb) == sha):
-        say(f"downloading {name} {version} ({int(fields.get('Size', 0)) >> 10} KiB)")
-        with tempfile.TemporaryDirectory(dir=debs) as tmp:
-            _run(["apt-get", "download", f"{name}:{ARCH}={version}"], cwd=Path(tmp))
-            got = next(Path(tmp).glob("*.deb"))
-            if sha256_file(got) != sha:
-                raise BenchError(f"{got.name}: sha256 differs from apt's metadata; refusing to use it")
-            os.replace(got, deb)
-    tree = trees / sha
-    if not tree.is_dir():
-        say(f"unpacking {name}")
-        tmp_tree = Path(tempfile.mkdtemp(dir=trees, prefix=".unpack-"))
-        try:
-            _run(["dpkg-deb", "-x", str(deb), str(tmp_tree)])
-            os.replace(tmp_tree, tree)
-        finally:
-            shutil.rmtree(tmp_tree, ignore_errors=True)
-    return Package(name=name, version=version, sha256=sha, deb=deb.name, tree=sha)
+def manifest_path(suite: str) -> Path:
+    return cache_dir() / "suites" / suite / "manifest.json"
 
 
-def fetch_images(say: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Images:
+def load_images(suite: str | None = None) -> Images:
+    """The cache's fetched set for SUITE (default: the lock's default suite). Never downloads; refuses a
+    cache fetched from another lock than the one in force (inputs never change silently)."""
+    locked = read_lock().suite(suite)
     root = cache_dir()
-    if offline():
-        say("TESTBENCH_OFFLINE is set: using the cache as it is")
-        return load_images()
-    with _cache_lock(root):
-        say("resolving Debian armhf packages from apt metadata")
-        kernel, wanted = resolve_package_set()
-        packages = tuple(_fetch_one(root, wanted[name], say) for name in sorted(wanted))
-        kernel_tree = root / "tree" / next(p.tree for p in packages if p.name == kernel)
-        release = kernel.removeprefix("linux-image-")
-        _depmod(kernel_tree, release)
-        manifest = {
-            "kernel_package": kernel,
-            "kernel_release": release,
-            "packages": [p.to_dict() | {"tree": p.tree} for p in packages],
-        }
-        _write_json_atomic(root / "manifest.json", manifest)
-        say(f"image cache ready in {root}: {len(packages)} packages, kernel {release}")
-        return load_images()
-
-
-def _depmod(kernel_tree: Path, release: str) -> None:
-    # modules.dep is not shipped in the .deb; generate it on the host, once per unpacked kernel.
-    if not (kernel_tree / "lib" / "modules" / release / "modules.dep").exists():
-        depmod = shutil.which("depmod") or "/usr/sbin/depmod"
-        _run([depmod, "-b", str(kernel_tree), release])
-
-
-def load_images() -> Images:
-    root = cache_dir()
-    manifest_path = root / "manifest.json"
-    if not manifest_path.exists():
+    path = manifest_path(locked.suite)
+    if not path.exists():
         hint = "unset TESTBENCH_OFFLINE and run" if offline() else "run"
-        raise UserError(f"no image cache at {root}: {hint} `testbench images fetch` (or scripts/setup)")
-    manifest = json.loads(manifest_path.read_text())
-    packages = tuple(Package(name=p["name"], version=p["version"], sha256=p["sha256"], deb=p["deb"],
-                             tree=p["tree"]) for p in manifest["packages"])
-    images = Images(root=root, kernel_package=manifest["kernel_package"],
-                    kernel_release=manifest["kernel_release"], packages=packages)
+        raise UserError(f"no {locked.suite} images in the cache at {root}: {hint} "
+                        f"`testbench images fetch --suite {locked.suite}` (or scripts/setup)")
+    try:
+        manifest = json.loads(path.read_text())
+        packages = tuple(Package(name=p["name"], version=p["version"], sha256=p["sha256"], deb=p["deb"],
+                                 tree=p["tree"]) for p in manifest["packages"])
+        drift = tuple(Drift(d["name"], d["locked"], d["now"]) for d in manifest.get("drift", ()))
+        fetched_from = manifest.get("lock_sha256")
+        kernel, release = manifest["kernel_package"], manifest["kernel_release"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: unreadable manifest ({err}); run `testbench images fetch`") from None
+    if fetched_from != locked.sha256:
+        raise UserError(f"the image cache's {locked.suite} set was fetched from another lock than "
+                        f"{read_lock().path}: run `testbench images fetch --suite {locked.suite}`")
+    images = Images(root=root, suite=locked.suite, kernel_package=kernel, kernel_release=release,
+                    packages=packages, lock_sha256=locked.sha256, drift=drift)
     missing = [p.name for p in packages if not (root / "tree" / p.tree).is_dir()]
     if missing or not images.zimage.exists():
         raise UserError(f"image cache at {root} is incomplete ({', '.join(missing) or 'kernel'} missing): "
-                        "run `testbench images fetch`")
+                        f"run `testbench images fetch --suite {locked.suite}`")
     return images
 
 

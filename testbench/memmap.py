@@ -117,5 +117,6 @@ def dump_qemu_dtb(binary: str, machine: Machine, ram: int) -> bytes:
     with tempfile.TemporaryDirectory(prefix="tb-dtb-") as tmp:
         target = Path(tmp) / "board.dtb"
         _run([binary, "-M", f"{machine.qemu_machine_arg},dumpdtb={target}", "-cpu", machine.cpu,
-              "-m", f"{ram >> 20}M", "-smp", str(machine.smp), "-display", "none"], f"qemu dumpdtb for {machine.name}")
+              "-m", f"{ram >> 20}M", "-smp", str(machine.smp), *machine.qemu_args, "-display", "none"],
+             f"qemu dumpdtb for {machine.name}")
         return target.read_bytes()

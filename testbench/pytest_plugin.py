@@ -57,7 +57,13 @@ def tb_result(tb_cell: Cell, request: pytest.FixtureRequest, tmp_path: Path, rec
     mode = RunMode.from_flags(config.getoption("--tb-no-observe"), config.getoption("--tb-until"),
                               config.getoption("--tb-no-snapshot"))
     result = run_cell(tb_cell, out, mode)
-    for role, item in (result.get("inputs") or {}).items():
+    inputs = dict(result.get("inputs") or {})
+    debian = inputs.pop("debian", None) or {}
+    record_property("debian_suite", debian.get("suite"))
+    record_property("debian_lock_sha256", debian.get("lock_sha256"))
+    if debian.get("drift"):
+        record_property("debian_drift", "; ".join(f"{d['name']} {d['locked']} -> {d['now']}" for d in debian["drift"]))
+    for role, item in inputs.items():
         record_property(f"input.{role}", f"{os.path.basename(item['path'])} {item.get('version') or ''} "
                                          f"sha256:{item['sha256']}".replace("  ", " "))
     record_property("loader_version", result.get("loader_version"))

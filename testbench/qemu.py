@@ -96,8 +96,8 @@ def qemu_args(spec: QemuSpec, sockets: Sockets | None, gdb: bool = False, incomi
         args += ["-fsdev", f"local,id=tbfs,path={spec.share},security_model=none",
                  "-device", f"virtio-9p-device,fsdev=tbfs,mount_tag={SHARE_TAG}"]
     if sockets is None:
-        return [a for a in args if a != "-nographic"] + ["-nographic"]
-    args = [a for a in args if a != "-nographic"]
+        # By hand: the console and QEMU's monitor (Ctrl-A c) on the terminal.
+        return [*args, "-nographic", "-serial", "mon:stdio"]
     args += ["-display", "none", "-monitor", "none", "-S",
              "-qmp", f"unix:{sockets.qmp},server=on,wait=off",
              "-chardev", f"socket,id=tbcon,path={sockets.console},server=on,wait=off",

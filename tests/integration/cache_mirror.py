@@ -11,12 +11,17 @@ import json
 from pathlib import Path
 
 
-def mirror_cache(real: Path, fake: Path) -> dict:
+def manifest_file(cache: Path, suite: str = "bookworm") -> Path:
+    return cache / "suites" / suite / "manifest.json"
+
+
+def mirror_cache(real: Path, fake: Path, suite: str = "bookworm") -> dict:
     (fake / "debs").mkdir(parents=True)
     (fake / "tree").mkdir()
-    manifest = json.loads((real / "manifest.json").read_text())
+    manifest = json.loads(manifest_file(real, suite).read_text())
     for package in manifest["packages"]:
         (fake / "debs" / package["deb"]).symlink_to(real / "debs" / package["deb"])
         (fake / "tree" / package["tree"]).symlink_to(real / "tree" / package["tree"])
-    (fake / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    manifest_file(fake, suite).parent.mkdir(parents=True)
+    manifest_file(fake, suite).write_text(json.dumps(manifest, indent=2))
     return manifest

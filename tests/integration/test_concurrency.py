@@ -1,9 +1,9 @@
 """Concurrency on one image cache (issue 7.6): parallel runs do not clash, parallel fetches are serialised by
 the cache lock, the manifest is never read half-written, and a damaged or half-unpacked entry is never used.
 
-The fetch tests run against a mirror of the real cache (cache_mirror.py) with a stand-in for `apt-get
-download` that serves the real cache's .debs: resolving the package set from apt's metadata takes about a
-minute here, and it is not what these tests are about, so it is replaced by the real manifest's package set.
+The fetch tests run against a mirror of the real cache (cache_mirror.py) with a stand-in for the suite's
+private apt that serves the real cache's .debs: the archive is not what these tests are about (the lock
+tests in test_lock.py use the real one).
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-from cache_mirror import mirror_cache
+from cache_mirror import manifest_file, mirror_cache
 
-from testbench import images as images_module
+from testbench import fetch as fetch_module
 from testbench.errors import BenchError, UserError
-from testbench.images import Images, _write_json_atomic, fetch_images, load_images, sha256_file
+from testbench.fetch import fetch_images
+from testbench.images import Images, _write_json_atomic, load_images, sha256_file
+from testbench.lock import read_lock
 
 ROOMY = "--kexec-args=--image-size=0x2000000"
 
@@ -50,6 +52,9 @@ def test_two_runs_at_once_on_one_fresh_cache(tmp_path: Path, images: Images) -> 
         assert result["verdict"] == "pass" and result["phase"] == "init", result["reasons"]
         assert result["stage2"]["payload_sha256"], result["stage2"]
         assert result["inputs"]["kernel"]["sha256"] == sha256_file(images.zimage)
+        # Where the Debian inputs came from: the default suite, exactly as locked.
+        assert result["inputs"]["debian"] == {"suite": "bookworm", "lock_sha256": read_lock().suite(None).sha256,
+                                              "drift": []}
     # One shared build of each guest image, no temp files left from the race.
     assert len(list((cache / "initramfs").glob("*.cpio.gz"))) == 2
     assert not [p.name for p in (cache / "initramfs").iterdir() if p.name.startswith(".")]
@@ -58,32 +63,38 @@ def test_two_runs_at_once_on_one_fresh_cache(tmp_path: Path, images: Images) -> 
 
 @pytest.fixture
 def fake_mirror(tmp_path: Path, images: Images, monkeypatch: pytest.MonkeyPatch) -> dict:
-    """`apt-get download NAME:armhf=VERSION` served from the real cache (slowly, to widen any race), every
-    call logged; the package set of the real manifest instead of a minute of apt-cache queries."""
-    manifest = json.loads((images.root / "manifest.json").read_text())
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
+    """The suite's private apt replaced by a stand-in that serves the real cache's .debs (slowly, to widen
+    any race) and logs every download: the archive itself is not what these tests are about."""
+    manifest = json.loads(manifest_file(images.root).read_text())
     log = tmp_path / "apt-get.log"
-    served = tmp_path / "served"
-    served.mkdir()
-    for package in manifest["packages"]:
-        (served / package["name"]).symlink_to(images.root / "debs" / package["deb"])
-    script = bindir / "apt-get"
-    script.write_text(f"""#!/bin/sh
-# stand-in mirror: $1 = download, $2 = NAME:armhf=VERSION
-[ "$1" = download ] || exit 100
-name="${{2%%:*}}"
-echo "$name" >> {log}
-sleep 1
-cp "{served}/$name" "./$name.deb"
-if [ -e {tmp_path}/corrupt-mirror ]; then printf 'XXXX' | dd of="./$name.deb" bs=1 seek=100 conv=notrunc 2>/dev/null; fi
-""")
-    script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
-    wanted = {p["name"]: {"Package": p["name"], "Version": p["version"], "SHA256": p["sha256"], "Size": "0"}
-              for p in manifest["packages"]}
-    monkeypatch.setattr(images_module, "resolve_package_set", lambda: (manifest["kernel_package"], wanted))
-    return {"manifest": manifest, "log": log, "flag": tmp_path / "corrupt-mirror"}
+    flag = tmp_path / "corrupt-mirror"
+    served = {p["name"]: images.root / "debs" / p["deb"] for p in manifest["packages"]}
+    versions = {p["name"]: (p["version"], p["sha256"]) for p in manifest["packages"]}
+
+    class StandInApt:
+        def __init__(self, root: Path, suite: str) -> None:
+            self.suite = suite
+
+        def update(self) -> None:
+            pass
+
+        def show(self, name: str, version: str | None = None) -> dict[str, str]:
+            have, sha = versions[name]
+            return {"Package": name, "Version": have, "SHA256": sha} if version in (None, have) else {}
+
+        def download(self, name: str, version: str, into: Path) -> Path:
+            with log.open("a") as handle:
+                handle.write(name + "\n")
+            time.sleep(1)
+            data = bytearray(served[name].read_bytes())
+            if flag.exists():
+                data[100:104] = b"XXXX"
+            target = into / f"{name}.deb"
+            target.write_bytes(bytes(data))
+            return target
+
+    monkeypatch.setattr(fetch_module, "PrivateApt", StandInApt)
+    return {"manifest": manifest, "log": log, "flag": flag}
 
 
 def _damage(cache: Path, manifest: dict, name: str) -> tuple[Path, Path]:
@@ -111,13 +122,13 @@ def test_parallel_fetches_repair_a_damaged_cache_once(tmp_path: Path, images: Im
     # A half-unpacked tree is never taken for the real one: the cache is reported incomplete.
     with pytest.raises(UserError, match="incomplete"):
         load_images()
-    (cache / "manifest.json").unlink()
+    manifest_file(cache).unlink()
 
     outcomes: list[object] = []
 
     def fetch() -> None:
         try:
-            outcomes.append(fetch_images(lambda s: None))
+            outcomes.append(fetch_images(say=lambda s: None))
         except Exception as err:  # collected and asserted on in the test thread
             outcomes.append(err)
 
@@ -132,7 +143,7 @@ def test_parallel_fetches_repair_a_damaged_cache_once(tmp_path: Path, images: Im
     package = next(p for p in manifest["packages"] if p["name"] == "libuuid1")
     assert sha256_file(deb) == package["sha256"]
     assert tree.is_dir() and not tree.is_symlink() and any(tree.rglob("libuuid.so.1*"))
-    written = json.loads((cache / "manifest.json").read_text())
+    written = json.loads(manifest_file(cache).read_text())
     assert written["packages"] == manifest["packages"]
     assert load_images().packages == images.packages
     assert not [p for p in (cache / "debs").iterdir() if p.is_dir()], "temp download dirs left behind"
@@ -143,13 +154,13 @@ def test_a_bad_download_is_refused_and_the_manifest_kept(tmp_path: Path, images:
     cache = tmp_path / "cache"
     mirror_cache(images.root, cache)
     deb, _ = _damage(cache, fake_mirror["manifest"], "libuuid1")
-    before = (cache / "manifest.json").read_bytes()
+    before = manifest_file(cache).read_bytes()
     damaged = deb.read_bytes()
-    fake_mirror["flag"].touch()  # the mirror now serves a .deb whose sha256 differs from apt's metadata
+    fake_mirror["flag"].touch()  # the mirror now serves a .deb whose sha256 differs from the lock's
     monkeypatch.setenv("TESTBENCH_CACHE", str(cache))
     with pytest.raises(BenchError, match="sha256 differs"):
-        fetch_images(lambda s: None)
-    assert (cache / "manifest.json").read_bytes() == before
+        fetch_images(say=lambda s: None)
+    assert manifest_file(cache).read_bytes() == before
     assert deb.read_bytes() == damaged, "the refused download replaced the cached .deb"
 
 
