@@ -192,7 +192,8 @@ def fetch_images(suite: str | None = None, say: Callable[[str], None] = _say_std
     drift_ok = allow_drift() if drift_ok is None else drift_ok
     with _cache_lock(root):
         wanted = [_Wanted(p.name, p.version, p.sha256, p.size) for p in locked.packages]
-        kernel, drift = locked.kernel, ()
+        kernel = locked.kernel
+        drift: tuple[Drift, ...] = ()
         apt = PrivateApt(root, locked.suite)
         missing = [w for w in wanted if not _cached(root, w)]
         if missing:

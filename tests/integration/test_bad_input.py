@@ -88,4 +88,5 @@ def test_qemu_missing(tmp_path):
 
 def test_offline_with_missing_cache(tmp_path):
     env = dict(os.environ, TESTBENCH_OFFLINE="1", TESTBENCH_CACHE=str(tmp_path / "empty-cache"))
-    _assert_clean_error(_run("--machine", "virt", "--out", str(tmp_path / "o"), env=env), "no image cache")
+    _assert_clean_error(_run("--machine", "virt", "--out", str(tmp_path / "o"), env=env),
+                        "no bookworm images in the cache")

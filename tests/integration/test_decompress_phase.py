@@ -5,9 +5,10 @@ decoder reports the data corrupt; error() prints nothing (no DEBUG_LL in Debian'
 branch-to-self with interrupts masked. So the kernel-entry breakpoint never fires, and the bench must say
 so, with the phase `decompress`, and hand over what it can see: the PC, the message, how far the output got.
 
-Facts used as expected values, not taken from the code: TEXT_OFFSET 0x208000 and the inflated size
-0x13a10b4 (DOMAIN 8.1 and 4, log C); the XZ payload fills the zImage from ~0xe000 to ~0x531870 of its
-0x532200 bytes (DOMAIN 8.1: size pointer 0x531871), so the middle of the file is compressed data; the
+Facts used as expected values, not taken from the code: TEXT_OFFSET 0x208000 (DOMAIN 8.1) and the inflated
+size, which belongs to the build and is decoded here from the zImage's XZ stream (debian_kernel); the XZ
+payload fills the zImage from ~0xe000 to the size pointer (0x531871 on 6.1.0-50, DOMAIN 8.1), so the middle
+of the file is compressed data; the
 kernel's XZ wrapper calls its error handler with "XZ-compressed data is corrupt" on a data error; `b .` in
 ARM state is 0xeafffffe.
 """
@@ -19,12 +20,12 @@ import json
 from pathlib import Path
 
 import pytest
+from debian_kernel import package_facts
 
 from testbench.console import timeout_factor
 from testbench.replay import replay
 
 TEXT_OFFSET = 0x208000
-INFLATED = 0x13A10B4
 XZ_DATA_ERROR = "XZ-compressed data is corrupt"
 ARM_B_SELF = bytes.fromhex("feffffea")
 VIRT_BASE = 0x40000000
@@ -69,7 +70,15 @@ def test_corrupt_payload_is_the_decompress_phase(halted):
     assert halted["oracle_agrees"] is True, halted["oracle_difference"]
 
 
-def test_the_post_mortem_finds_the_halt_loop_in_the_relocated_decompressor(halted, corrupt_zimage):
+def _inflated(images) -> int:
+    """The size of the kernel Image the intact zImage inflates to, decoded here from its XZ stream (not read
+    from the size tag the code under test reads): it belongs to the build."""
+    inflated = package_facts(images.zimage).inflated_size
+    assert inflated, "the Debian zImage's XZ stream did not decode"
+    return inflated
+
+
+def test_the_post_mortem_finds_the_halt_loop_in_the_relocated_decompressor(halted, corrupt_zimage, images):
     hang = _hang(halted)
     assert hang["halted_for_good"] is True and "never will" in halted["reasons"][0]
     # The PC's bytes were found in the zImage file: there they are a `b .`.
@@ -77,19 +86,20 @@ def test_the_post_mortem_finds_the_halt_loop_in_the_relocated_decompressor(halte
     assert image[hang["zimage_offset"]:hang["zimage_offset"] + 4] == ARM_B_SELF
     # The loop runs from the relocated copy, which sits just above the kernel being inflated (the copy
     # starts with the code after the relocation, so file offset 0 itself maps a little below the end).
-    kernel_end = VIRT_BASE + TEXT_OFFSET + INFLATED
+    kernel_end = VIRT_BASE + TEXT_OFFSET + _inflated(images)
     assert kernel_end <= hang["pc"] < kernel_end + len(image)
     assert "decompressor.copy" in hang["where"]
 
 
-def test_the_post_mortem_quotes_the_decoder_error_and_how_far_the_output_got(halted, corrupt_zimage):
+def test_the_post_mortem_quotes_the_decoder_error_and_how_far_the_output_got(halted, corrupt_zimage, images):
     hang = _hang(halted)
     assert XZ_DATA_ERROR.encode() in corrupt_zimage.read_bytes()
     assert any(k.get("past") == XZ_DATA_ERROR for k in hang["strings"].values()), hang["strings"]
     assert any(XZ_DATA_ERROR in r for r in halted["reasons"])
     # The damage is mid-stream: part of the kernel was written, not all of it.
-    assert hang["output_start"] == VIRT_BASE + TEXT_OFFSET and hang["output_size"] == INFLATED
-    assert hang["output_start"] < hang["output_end"] < hang["output_start"] + INFLATED
+    inflated = _inflated(images)
+    assert hang["output_start"] == VIRT_BASE + TEXT_OFFSET and hang["output_size"] == inflated
+    assert hang["output_start"] < hang["output_end"] < hang["output_start"] + inflated
     assert any("the decompressed kernel was written up to" in r for r in halted["reasons"])
 
 

@@ -1,4 +1,4 @@
-"""zImage reader: synthetic images built from DOMAIN.md's layout, and the real Debian armmp zImage."""
+"""zImage reader: synthetic images built from DOMAIN.md's layout, and every cached Debian armmp zImage."""
 
 from __future__ import annotations
 
@@ -6,30 +6,26 @@ import gzip
 import struct
 
 import pytest
+from debian_kernel import facts_for
 
 from testbench.errors import UserError
 from testbench.zimage import ZImageError, parse_zimage, read_zimage
 
+# ZImage fields pinned per build in kernel_facts.toml (measured with od there, not with this reader).
+EXACT_FIELDS = ("size", "table_offset", "tag_words", "size_ptr", "inflated_size", "kernel_bss", "text_offset",
+                "malloc_size", "restart", "reloc_pad", "decompressor_bss", "bss_end", "stack_end")
 
-def test_debian_armmp_constants(debian_zimage):
-    # DOMAIN.md 1.2 / 2.4: table at 0xd4f0 = 6, KLSZ, 0x531871, 0x5e4d4, 0x208000, 0x10000; I = 0x13a10b4;
-    # LC0 gives S = 0x533618, .Lheadroom gives R = 0x10B4, `add sl, sl, #2304` gives P = 0x900, bss 0x418.
-    z = read_zimage(debian_zimage)
-    assert z.table_offset == 0xD4F0
-    assert z.tag_words == 6
-    assert z.size_ptr == 0x531871
-    assert z.inflated_size == 0x13A10B4
-    assert z.kernel_bss == 0x5E4D4
-    assert z.text_offset == 0x208000
-    assert z.malloc_size == 0x10000
-    assert z.restart == 0x10B4
-    assert z.reloc_pad == 0x900
-    assert z.decompressor_bss == 0x418
-    assert z.bss_end == 0x532618
-    assert z.stack_end == 0x533618
+
+def test_debian_armmp_constants(kernel_tree):
+    facts = facts_for(kernel_tree.zimage)
+    if facts is None:
+        pytest.skip(f"zImage sha256 {kernel_tree.sha256} ({kernel_tree.release}) is not in kernel_facts.toml; "
+                    "test_kernel_facts.py still checks it against its package")
+    z = read_zimage(kernel_tree.zimage)
+    assert {f: getattr(z, f) for f in EXACT_FIELDS} == {f: facts[f] for f in EXACT_FIELDS}, facts["package"]
+    assert z.file_size == facts["file_size"]
     assert z.efi_stub and not z.thumb2 and z.endian == "le"
     assert z.appended_dtb_size is None
-    assert z.size == 0x532200
 
 
 @pytest.mark.parametrize("words", [2, 3, 4, 5, 6])
