@@ -12,7 +12,6 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from .apt import ARCH, PrivateApt, dependency_names
@@ -113,29 +112,19 @@ def _changes(before: SuiteLock | None, after: SuiteLock) -> list[str]:
 # --- fetching -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Wanted:
-    """One package to have in the cache: what the lock (or, with drift allowed, the archive) names."""
-
-    name: str
-    version: str
-    sha256: str
-    size: int
-
-    @property
-    def deb(self) -> str:
-        return f"{self.name}_{self.version.replace(':', '%3a')}_{ARCH}.deb"
+def _deb_name(want: LockedPackage) -> str:
+    return f"{want.name}_{want.version.replace(':', '%3a')}_{ARCH}.deb"
 
 
-def _cached(root: Path, want: _Wanted) -> bool:
-    deb = root / "debs" / want.deb
+def _cached(root: Path, want: LockedPackage) -> bool:
+    deb = root / "debs" / _deb_name(want)
     return deb.is_file() and (root / "tree" / want.sha256).is_dir() and sha256_file(deb) == want.sha256
 
 
-def _download(root: Path, apt: PrivateApt, want: _Wanted, say: Callable[[str], None]) -> None:
+def _download(root: Path, apt: PrivateApt, want: LockedPackage, say: Callable[[str], None]) -> None:
     debs = root / "debs"
     debs.mkdir(exist_ok=True)
-    deb = debs / want.deb
+    deb = debs / _deb_name(want)
     if not (deb.is_file() and sha256_file(deb) == want.sha256):
         say(f"downloading {want.name} {want.version} ({want.size >> 10} KiB)")
         with tempfile.TemporaryDirectory(dir=debs) as tmp:
@@ -146,7 +135,7 @@ def _download(root: Path, apt: PrivateApt, want: _Wanted, say: Callable[[str], N
     _unpack(root, want, deb, say)
 
 
-def _unpack(root: Path, want: _Wanted, deb: Path, say: Callable[[str], None]) -> None:
+def _unpack(root: Path, want: LockedPackage, deb: Path, say: Callable[[str], None]) -> None:
     trees = root / "tree"
     trees.mkdir(exist_ok=True)
     tree = trees / want.sha256
@@ -191,7 +180,7 @@ def fetch_images(suite: str | None = None, say: Callable[[str], None] = _say_std
         return load_images(locked.suite)
     drift_ok = allow_drift() if drift_ok is None else drift_ok
     with _cache_lock(root):
-        wanted = [_Wanted(p.name, p.version, p.sha256, p.size) for p in locked.packages]
+        wanted = list(locked.packages)
         kernel = locked.kernel
         drift: tuple[Drift, ...] = ()
         apt = PrivateApt(root, locked.suite)
@@ -206,8 +195,7 @@ def fetch_images(suite: str | None = None, say: Callable[[str], None] = _say_std
                 raise UserError(_gone_line(locked, gone, apt))
             if gone:
                 kernel, fields = resolve_package_set(apt)
-                wanted = [_Wanted(f["Package"], f["Version"], f["SHA256"], int(f.get("Size", 0)))
-                          for f in fields.values()]
+                wanted = list(_locked_from_archive(locked.suite, kernel, fields).packages)
                 drift = _drift(locked, wanted)
                 for item in drift:
                     say(f"DRIFT {item.describe()}")
@@ -223,7 +211,7 @@ def fetch_images(suite: str | None = None, say: Callable[[str], None] = _say_std
             "drift": [d.to_dict() for d in drift],
             "kernel_package": kernel,
             "kernel_release": release,
-            "packages": [{"name": w.name, "version": w.version, "sha256": w.sha256, "deb": w.deb,
+            "packages": [{"name": w.name, "version": w.version, "sha256": w.sha256, "deb": _deb_name(w),
                           "tree": w.sha256} for w in sorted(wanted, key=lambda w: w.name)],
         }
         path = manifest_path(locked.suite)
@@ -234,7 +222,7 @@ def fetch_images(suite: str | None = None, say: Callable[[str], None] = _say_std
         return load_images(locked.suite)
 
 
-def _drift(locked: SuiteLock, wanted: list[_Wanted]) -> tuple[Drift, ...]:
+def _drift(locked: SuiteLock, wanted: list[LockedPackage]) -> tuple[Drift, ...]:
     now = {w.name: w.version for w in wanted}
     was = {p.name: p.version for p in locked.packages}
     # The kernel changes its package name with its ABI: pair the old and new kernel as one drift.

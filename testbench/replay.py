@@ -186,6 +186,19 @@ def _judge_console(text: str, bootargs: str, built: Stage2Initrd | None, fdt_sha
     return verdict
 
 
+def _inputs(files: dict[str, Path]) -> dict:
+    """What ran, as in a case's result.json: each file's sha256, and the Debian suite and lock when the
+    image cache is there (a replay of the user's own files on virt may not need it)."""
+    from .images import load_images
+    from .inputs import describe
+
+    described = {role: describe(role, path).to_dict() for role, path in files.items()}
+    try:
+        return {"debian": load_images().provenance(), **described}
+    except UserError:
+        return described
+
+
 def replay(args: argparse.Namespace) -> dict:
     m = get_machine(args.machine)
     ram = parse_size(args.ram, "--ram") if args.ram else m.default_ram
@@ -281,6 +294,7 @@ def replay(args: argparse.Namespace) -> dict:
               "oracle_agrees": oracle["agrees"], "oracle_difference": oracle["differences"], "oracle": oracle,
               "stage2": stage2, "expected": {"cmdline": bootargs, "fdt_sha256": fdt_sha256,
                                              "payload_sha256": built.payload_sha256 if built else None},
+              "inputs": _inputs(files),
               "timings": {k: round(v, 3) for k, v in timings.items()}}
     write_replay_svg(out, result)
     write_json_atomic(out / "result.json", result)
