@@ -25,6 +25,7 @@ class Machine:
     stage1_cmdline: tuple[str, ...] = ()
     stage2_cmdline: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    needs_audiodev: bool = False  # the board has a sound codec that QEMU wants a backend for
 
     @property
     def qemu_machine_arg(self) -> str:
@@ -79,6 +80,7 @@ def all_machines() -> dict[str, Machine]:
             stage1_cmdline=tuple(entry.get("stage1_cmdline", ())),
             stage2_cmdline=tuple(entry.get("stage2_cmdline", ())),
             env=tuple(sorted(entry.get("env", {}).items())),
+            needs_audiodev=bool(entry.get("needs_audiodev", False)),
         )
     return machines
 

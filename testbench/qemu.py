@@ -7,6 +7,7 @@ its own session: it dies with the bench even when the bench is SIGKILLed, and `s
 
 import contextlib
 import ctypes
+import functools
 import os
 import shlex
 import shutil
@@ -26,6 +27,7 @@ from .machines import Machine
 QEMU_BINARY = "qemu-system-arm"
 MIN_QEMU_VERSION = (7, 0)
 SHARE_TAG = "tbshare"
+AUDIODEV_ID = "tbaudio"
 # sun_path is 108 bytes; deeper case dirs get their socket dir through a short symlink in /tmp.
 MAX_SOCKET_PATH = 100
 PR_SET_PDEATHSIG = 1
@@ -82,8 +84,7 @@ def qemu_args(spec: QemuSpec, sockets: Sockets | None, gdb: bool = False, incomi
     """The full command line. Without sockets it is the hand-run form used by repro.sh (console on stdio).
     `incoming` restores a saved stage-1 state (snapshot.py) instead of booting."""
     m = spec.machine
-    args = [QEMU_BINARY, "-M", m.qemu_machine_arg, "-cpu", m.cpu, "-m", f"{spec.ram >> 20}M", "-smp", str(m.smp),
-            *m.qemu_args]
+    args = [QEMU_BINARY, *board_args(m), "-m", f"{spec.ram >> 20}M", "-smp", str(m.smp), *m.qemu_args]
     if spec.kernel is not None:
         args += ["-kernel", str(spec.kernel), "-append", spec.append]
         if spec.initrd is not None:
@@ -108,6 +109,32 @@ def qemu_args(spec: QemuSpec, sockets: Sockets | None, gdb: bool = False, incomi
         # QEMU 7.2 has no file: migration URI; exec: runs through /bin/sh, hence the quoting.
         args += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
     return args
+
+
+def board_args(machine: Machine) -> list[str]:
+    """-M with the machine's options, -cpu, and the silent audio backend a board with a codec needs. QEMU 7.2
+    takes a lone -audiodev as the default (with a deprecation warning) and has no machine property for it;
+    QEMU 10 requires `-M ...,audiodev=ID`: whether this QEMU has the property is asked of QEMU itself."""
+    options = [machine.qemu_machine_arg]
+    audio: list[str] = []
+    if machine.needs_audiodev:
+        audio = ["-audiodev", f"none,id={AUDIODEV_ID}"]
+        if "audiodev" in _machine_properties(machine.qemu_machine):
+            options.append(f"audiodev={AUDIODEV_ID}")
+    return ["-M", ",".join(options), "-cpu", machine.cpu, *audio]
+
+
+@functools.cache
+def _machine_properties(qemu_machine: str) -> frozenset[str]:
+    binary = shutil.which(QEMU_BINARY)
+    if binary is None:  # a command line for repro.sh on a machine without QEMU: the 7.2 form
+        return frozenset()
+    try:
+        out = subprocess.run([binary, "-M", f"{qemu_machine},help"], capture_output=True, text=True,
+                             errors="replace", timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return frozenset()
+    return frozenset(line.split("=", 1)[0].strip() for line in out.splitlines() if line.startswith("  "))
 
 
 def _socket_dir(case_dir: Path) -> tuple[Path, Path | None]:
