@@ -19,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from processes import qemu_pids
 
 from testbench.case import TIMEOUTS, watch_stage2
 from testbench.console import Console, ConsoleTimeout, timeout_factor
@@ -46,11 +47,6 @@ def test_silent_stage2_ends_after_the_silence_window(run_kexec_case) -> None:
     assert any("Bye!" in line for line in tail), tail
 
 
-def _qemu_pids(marker: Path) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"qemu-system-arm.*{marker}"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 def test_stage1_deadline_names_the_phase(tmp_path: Path, images: Images) -> None:
     # One multiplier scales every deadline: at 0.02 the 90 s stage-1 boot allowance is 1.8 s, which a real
     # boot (~5 s) cannot make, so this is a stage-1 hang as the bench sees it.
@@ -71,7 +67,7 @@ def test_stage1_deadline_names_the_phase(tmp_path: Path, images: Images) -> None
     # console.log is kept for the post-mortem; at 1.8 s the kernel may not have printed yet, so its content
     # is checked by the silent-stage-2 test and the tail quoting by the Console tests below.
     assert (out / "console.log").exists()
-    assert not _qemu_pids(out), "QEMU outlived the timed-out case"
+    assert not qemu_pids(out), "QEMU outlived the timed-out case"
 
 
 class FakeSerial:

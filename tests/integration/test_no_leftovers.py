@@ -1,17 +1,13 @@
 """No QEMU outlives `testbench run`: Ctrl-C, SIGTERM, and even SIGKILL of the runner."""
 
+import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-
-
-def _qemu_pids(marker: Path) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"qemu-system-arm.*{marker}"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+from processes import qemu_pids
 
 
 def _wait(predicate, seconds: float) -> bool:
@@ -30,12 +26,12 @@ def test_qemu_dies_with_the_runner(tmp_path, images, signum):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # Signal once the guest is really running: QEMU up and the console already talking.
-        assert _wait(lambda: bool(_qemu_pids(out)) and (out / "console.log").exists()
+        assert _wait(lambda: bool(qemu_pids(out)) and (out / "console.log").exists()
                      and (out / "console.log").stat().st_size > 1000, 60), "QEMU never started"
-        assert _qemu_pids(out)
+        assert qemu_pids(out)
         runner.send_signal(signum)
         runner.wait(timeout=30)
-        assert _wait(lambda: not _qemu_pids(out), 10), f"QEMU survived {signum.name}: {_qemu_pids(out)}"
+        assert _wait(lambda: not qemu_pids(out), 10), f"QEMU survived {signum.name}: {qemu_pids(out)}"
         if signum != signal.SIGKILL:
             assert runner.returncode != 0
             assert "Traceback" not in runner.stderr.read()
@@ -43,5 +39,5 @@ def test_qemu_dies_with_the_runner(tmp_path, images, signum):
     finally:
         if runner.poll() is None:
             runner.kill()
-        for pid in _qemu_pids(out):
-            subprocess.run(["kill", "-9", str(pid)])
+        for pid in qemu_pids(out):
+            os.kill(pid, signal.SIGKILL)
