@@ -5,7 +5,6 @@ and a timeout quotes the last console lines, so a hang explains itself.
 """
 
 import contextlib
-import os
 import re
 import socket
 import threading
@@ -13,20 +12,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .deadlines import factor as timeout_factor
 from .errors import BenchError
 
 TAIL_LINES = 50
 
 
-def timeout_factor() -> float:
-    raw = os.environ.get("TESTBENCH_TIMEOUT_FACTOR", "1")
-    try:
-        factor = float(raw)
-    except ValueError:
-        raise BenchError(f"TESTBENCH_TIMEOUT_FACTOR={raw!r} is not a number") from None
-    if factor <= 0:
-        raise BenchError("TESTBENCH_TIMEOUT_FACTOR must be positive")
-    return factor
 
 
 class ConsoleTimeout(BenchError):

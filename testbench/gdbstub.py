@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .deadlines import budget
 from .errors import BenchError
 
 ACK = b"+"
@@ -111,9 +112,9 @@ class Stop:
 
 
 class GdbStub:
-    def __init__(self, path: Path, timeout: float = 10.0):
+    def __init__(self, path: Path, timeout: float | None = None):
         self.path = path
-        self.timeout = timeout
+        self.timeout = budget("gdb_reply") if timeout is None else timeout
         self._sock: socket.socket | None = None
         self._buf = b""
         self.regnums: dict[str, int] = {}
@@ -287,10 +288,10 @@ class GdbStub:
     def remove_hw_break(self, address: int) -> None:
         self.ok(f"z1,{address:x},4".encode())
 
-    def step(self, timeout: float = 5.0) -> Stop | None:
+    def step(self, timeout: float | None = None) -> Stop | None:
         """Execute one instruction (QEMU steps with interrupts and timers masked) and return its stop."""
         self._send_raw(frame(b"s"))
-        return self.wait_stop(timeout)
+        return self.wait_stop(budget("gdb_step") if timeout is None else timeout)
 
     def cont(self) -> None:
         """Resume; the stop reply is read later by wait_stop()."""
@@ -311,9 +312,9 @@ class GdbStub:
                 raise GdbError(f"the VM ended while we waited for a breakpoint ({reply.decode()})")
             # O (console output) packets and the like: keep waiting
 
-    def interrupt(self, timeout: float = 5.0) -> Stop | None:
+    def interrupt(self, timeout: float | None = None) -> Stop | None:
         self._send_raw(INTERRUPT)
-        return self.wait_stop(timeout)
+        return self.wait_stop(budget("gdb_step") if timeout is None else timeout)
 
     def detach(self) -> None:
         """Resume the VM and let go of it."""

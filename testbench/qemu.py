@@ -21,6 +21,7 @@ from pathlib import Path
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from .console import Console
+from .deadlines import budget
 from .errors import BenchError, UserError
 from .machines import Machine
 
@@ -65,7 +66,7 @@ def qemu_version(binary: str | None = None) -> tuple[int, int, int]:
     binary = binary or qemu_binary()
     try:
         out = subprocess.run([binary, "--version"], capture_output=True, text=True, errors="replace",
-                             timeout=30).stdout
+                             timeout=budget("qemu_probe")).stdout
     except (OSError, subprocess.TimeoutExpired) as err:
         # A broken install (not executable, wrong architecture, hanging) is bad setup, not a bench bug.
         raise UserError(f"{binary} --version failed ({err}); reinstall it with "
@@ -131,7 +132,7 @@ def _machine_properties(qemu_machine: str) -> frozenset[str]:
         return frozenset()
     try:
         out = subprocess.run([binary, "-M", f"{qemu_machine},help"], capture_output=True, text=True,
-                             errors="replace", timeout=30).stdout
+                             errors="replace", timeout=budget("qemu_probe")).stdout
     except (OSError, subprocess.TimeoutExpired):
         return frozenset()
     return frozenset(line.split("=", 1)[0].strip() for line in out.splitlines() if line.startswith("  "))
@@ -191,12 +192,12 @@ class QemuProcess:
         self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, env=env,
                                      start_new_session=True, preexec_fn=_die_with_parent)
         stderr.close()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + budget("qemu_start")
         while not (self.sockets.qmp.exists() and self.sockets.console.exists()):
             if self.proc.poll() is not None:
                 raise BenchError(f"QEMU exited at start (code {self.proc.returncode}): {self.stderr_tail()}")
             if time.monotonic() > deadline:
-                raise BenchError("QEMU did not create its sockets within 30s")
+                raise BenchError(f"QEMU did not create its sockets within {budget('qemu_start'):.0f}s")
             time.sleep(0.02)
         self.qmp = QEMUMonitorProtocol(str(self.sockets.qmp))
         try:

@@ -20,14 +20,13 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .deadlines import budget
 from .errors import BenchError
 from .images import cache_dir, sha256_file
 from .qemu import QemuProcess, QemuSpec, qemu_args
 
 FORMAT = 1  # bump when what the stage-1 shell has done before the save changes
 STATE_FILE = "stage1.state"
-SAVE_TIMEOUT = 60.0
-LOCK_WAIT = 300.0  # another process may be booting the same profile on a loaded host
 SHARE_PLACEHOLDER = Path("/SHARE")
 
 
@@ -80,7 +79,7 @@ class Slot:
             # The default bandwidth cap (128 MiB/s) is for live migration between hosts; a file wants none.
             qemu.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
             qemu.qmp.cmd("migrate", uri=f"exec:cat > {work / STATE_FILE}")
-            deadline = time.monotonic() + SAVE_TIMEOUT
+            deadline = time.monotonic() + budget("snapshot_save")
             while True:
                 status = qemu.qmp.cmd("query-migrate")
                 if status.get("status") == "completed":
@@ -113,7 +112,7 @@ def claim(spec: QemuSpec, qemu_version: str, say=lambda s: None) -> Slot:
     if slot.ready:
         return slot
     fd = os.open(root / f"{key}.lock", os.O_CREAT | os.O_RDWR, 0o644)
-    deadline = time.monotonic() + LOCK_WAIT
+    deadline = time.monotonic() + budget("snapshot_lock")
     told = False
     while True:
         try:
@@ -134,7 +133,7 @@ def claim(spec: QemuSpec, qemu_version: str, say=lambda s: None) -> Slot:
     return slot
 
 
-def wait_restored(qemu: QemuProcess, timeout: float = 60.0) -> float:
+def wait_restored(qemu: QemuProcess) -> float:
     """Wait until the -incoming restore is done (the VM then sits paused); returns its seconds."""
     assert qemu.qmp is not None
     t0 = time.monotonic()
@@ -148,6 +147,6 @@ def wait_restored(qemu: QemuProcess, timeout: float = 60.0) -> float:
             return time.monotonic() - t0
         if status not in ("inmigrate", "prelaunch"):
             raise SnapshotBroken(f"after restoring the stage-1 snapshot QEMU is {status!r}")
-        if time.monotonic() - t0 > timeout:
-            raise SnapshotBroken(f"restoring the stage-1 snapshot took over {timeout:.0f}s")
+        if time.monotonic() - t0 > budget("snapshot_restore"):
+            raise SnapshotBroken(f"restoring the stage-1 snapshot took over {budget('snapshot_restore'):.0f}s")
         time.sleep(0.01)

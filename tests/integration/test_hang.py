@@ -166,9 +166,18 @@ def test_console_with_debugger_has_no_deadline(serial: FakeSerial, tmp_path: Pat
         console.close()
 
 
-def test_stage2_watch_ends_on_silence(serial: FakeSerial, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The stage-2 watch after kexec -e, at a factor of 0.01: a 0.15 s silence window, a ~0.9 s deadline.
+@pytest.fixture
+def fast_deadlines(monkeypatch: pytest.MonkeyPatch):
+    """TESTBENCH_TIMEOUT_FACTOR=0.01. The factor is read once per process: forget that read now and again at
+    the end (this fixture ends before monkeypatch restores the environment)."""
     monkeypatch.setenv("TESTBENCH_TIMEOUT_FACTOR", "0.01")
+    timeout_factor.cache_clear()
+    yield
+    timeout_factor.cache_clear()
+
+
+def test_stage2_watch_ends_on_silence(serial: FakeSerial, tmp_path: Path, fast_deadlines: None) -> None:
+    # The stage-2 watch after kexec -e, at a factor of 0.01: a 0.15 s silence window, a ~0.9 s deadline.
     console = _console(serial, tmp_path, debugger_attached=False)
     try:
         serial.say("kexec_core: Starting new kernel\r\nBye!\r\n")
@@ -179,9 +188,8 @@ def test_stage2_watch_ends_on_silence(serial: FakeSerial, tmp_path: Path, monkey
 
 
 def test_stage2_watch_with_debugger_waits_past_every_window(serial: FakeSerial, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+                                                            fast_deadlines: None) -> None:
     # --gdb after kexec -e: silence is the user at a breakpoint, and there is no phase deadline either.
-    monkeypatch.setenv("TESTBENCH_TIMEOUT_FACTOR", "0.01")
     console = _console(serial, tmp_path, debugger_attached=True)
     try:
         serial.say("Bye!\r\n")
