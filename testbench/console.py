@@ -81,15 +81,6 @@ class Console:
             return self._text
 
     @property
-    def closed(self) -> bool:
-        with self._cond:
-            return self._closed
-
-    def quiet_for(self) -> float:
-        """Seconds since the guest last wrote anything."""
-        return time.monotonic() - self.last_data_at
-
-    @property
     def offset(self) -> int:
         return len(self.text)
 

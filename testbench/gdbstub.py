@@ -22,7 +22,6 @@ from .deadlines import budget
 from .errors import BenchError
 
 ACK = b"+"
-NACK = b"-"
 INTERRUPT = b"\x03"
 ESCAPED = b"#$}*"  # bytes that must be escaped in binary data (and '*' because of run-length encoding)
 # Bytes of memory per M packet (hex, so twice that on the wire): QEMU 7.2 takes packets up to 4 KiB and

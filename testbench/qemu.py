@@ -170,7 +170,6 @@ class QemuProcess:
         self.sockets = Sockets(sock_dir / "qmp.sock", sock_dir / "console.sock", sock_dir / "gdb.sock")
         self.incoming = incoming
         self.args = qemu_args(spec, self.sockets, gdb, incoming)
-        self.started_at = 0.0
 
     def __enter__(self) -> "QemuProcess":
         try:
@@ -188,7 +187,6 @@ class QemuProcess:
         (self.case_dir / "qemu.cmdline").write_text(shlex.join(self.args) + "\n")
         env = dict(os.environ) | dict(self.spec.machine.env)
         stderr = (self.case_dir / "qemu.stderr").open("wb")
-        self.started_at = time.monotonic()
         self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, env=env,
                                      start_new_session=True, preexec_fn=_die_with_parent)
         stderr.close()
@@ -221,14 +219,6 @@ class QemuProcess:
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
-
-    def wait_exit(self, timeout: float) -> int | None:
-        if self.proc is None:
-            return None
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
 
     def stop(self) -> None:
         if self.qmp is not None:

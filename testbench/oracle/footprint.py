@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 PGDIR = 0x4000  # 16 KiB first-level page table below the kernel
-STACK = 4096  # head.S .stack section
 SZ_2M = 0x200000
 
 

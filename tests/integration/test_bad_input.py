@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from testbench.images import load_images
-
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "testbench.cli", "run", *args], capture_output=True, text=True,
@@ -28,11 +26,6 @@ def _assert_clean_error(done: subprocess.CompletedProcess, *needles: str) -> Non
 @pytest.fixture(scope="module")
 def x86_binary() -> Path:
     return Path(sys.executable).resolve()  # whatever runs the tests is not a 32-bit ARM program
-
-
-@pytest.fixture(scope="module")
-def arm_kexec() -> Path:
-    return load_images().kexec
 
 
 def test_missing_kernel_file(tmp_path):

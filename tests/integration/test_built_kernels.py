@@ -20,7 +20,6 @@ from testbench.images import built_dir
 
 MIB = 1 << 20
 TEXT_OFFSET = 0x8000  # arch/arm/Makefile textofs-y, the value these variants are configured to keep
-KEXEC_EXTRA = 0x11000  # kexec-tools >= 2.0.17: zImage + 4 KiB stack + 64 KiB malloc (DOMAIN 3.2)
 PAGE = 0x1000
 
 

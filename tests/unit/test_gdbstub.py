@@ -11,8 +11,9 @@ def test_frame_checksum_is_the_byte_sum_mod_256_in_lower_case_hex():
     assert frame(b"g") == b"$g#67"
     # "OK": 0x4f + 0x4b = 0x9a
     assert frame(b"OK") == b"$OK#9a"
-    # "Z1,40008000,4": sum computed by hand = 0x3e (mod 256)
-    assert frame(b"Z1,40008000,4") == b"$Z1,40008000,4#" + f"{sum(b'Z1,40008000,4') % 256:02x}".encode()
+    # "Z1,40008000,4", summed by hand: Z 5a + 1 31 + , 2c + 4 34 + 0 30 x3 + 8 38 + 0 30 x3 + , 2c + 4 34
+    # = 0x2a3, so 0xa3 mod 256
+    assert frame(b"Z1,40008000,4") == b"$Z1,40008000,4#a3"
     assert frame(b"") == b"$#00"
 
 
