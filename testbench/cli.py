@@ -15,7 +15,8 @@ from .errors import BenchError, UserError
 from .sizes import format_size, parse_size
 
 SUBCOMMAND_MODULES = ("oracle_cli", "replay", "doctor", "matrix")
-DEMO_PLACEMENTS = (("default", ()), ("image-size", ("--image-size=0x2000000",)))
+DEMO_PLACEMENTS: tuple[tuple[str, tuple[str, ...]], ...] = (("default", ()),
+                                                             ("image-size", ("--image-size=0x2000000",)))
 
 
 def _say(text: str) -> None:
@@ -88,8 +89,8 @@ def _demo(args: argparse.Namespace) -> int:
         shown = [reasons[0]] if reasons else [""]
         shown += [r for r in reasons[1:] if r.startswith("oracle:")][:1]
         print(f"{name:<14}{label:<12}{verdict:<9}{phase:<11}{seconds:>6.1f}s  {shown[0][:100]}")
-        for extra in shown[1:]:
-            print(f"{'':<52}  {extra[:100]}")
+        for more in shown[1:]:
+            print(f"{'':<52}  {more[:100]}")
     print(f"artifacts: {root}")
     return 2 if any(r[2] == "error" for r in rows) else 0
 

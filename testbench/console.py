@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, overload
 
 from .deadlines import factor as timeout_factor
 from .errors import BenchError
@@ -89,6 +90,14 @@ class Console:
 
     def write(self, data: str) -> None:
         self._sock.sendall(data.encode())
+
+    @overload
+    def wait_for(self, patterns: str | list[str], timeout: float, what: str, start: int = 0,
+                 fail_on_close: Literal[True] = True) -> Match: ...
+
+    @overload
+    def wait_for(self, patterns: str | list[str], timeout: float, what: str, start: int = 0, *,
+                 fail_on_close: bool) -> Match | None: ...
 
     def wait_for(self, patterns: str | list[str], timeout: float, what: str, start: int = 0,
                  fail_on_close: bool = True) -> Match | None:

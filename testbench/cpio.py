@@ -58,7 +58,7 @@ class CpioWriter:
 
 def read_cpio(data: bytes) -> list[tuple[str, int, bytes]]:
     """Parse a newc archive into (name, mode, data) entries; used by the tests and by the doctor."""
-    entries = []
+    entries: list[tuple[str, int, bytes]] = []
     offset = 0
     while True:
         if data[offset:offset + 6] != MAGIC:

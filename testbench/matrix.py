@@ -18,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+from .datafiles import data_path
 from .errors import UserError
 from .sizes import parse_size
 
-DEFAULT_MATRIX = Path(__file__).resolve().parent.parent / "images" / "matrix.toml"
+DEFAULT_MATRIX = data_path("matrix.toml")
 AXES = ("machine", "ram", "initrd", "placement", "kernel", "kexec", "memmap")
 QEMU_DTB_SIZE = 0x101000  # QEMU's 1 MiB virt DTB plus kexec's bootargs/initrd properties
 BOARD_DTB_SIZE = 0x10000  # a vexpress DTB with kexec's additions stays well below 64 KiB
@@ -69,9 +70,9 @@ def load_matrix(path: Path | None = None, only: dict[str, list[str]] | None = No
     unknown = set(axes) - set(AXES)
     if unknown:
         raise UserError(f"matrix file {path}: unknown axes {sorted(unknown)}; known: {', '.join(AXES)}")
-    for axis, values in (only or {}).items():
-        if values:
-            axes[axis] = values
+    for axis, chosen in (only or {}).items():
+        if chosen:
+            axes[axis] = chosen
     lists = [axes.get(axis, [Cell.__dataclass_fields__[axis].default]) for axis in AXES]
     cells = []
     for combo in itertools.product(*lists):
@@ -208,17 +209,17 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     mode = RunMode.from_flags(args.no_observe, args.until, args.no_snapshot)
     results = run_matrix(cells, out, jobs, _progress, mode)
     wall = time.monotonic() - started
+    verdicts = {v: sum(r["verdict"] == v for r in results) for v in ("pass", "fail", "error")}
+    unexpected = [r["cell"]["id"] for r in results if not r["expected_ok"]]
     summary = {"cells": len(results), "wall_seconds": round(wall, 1), "mode": mode.__dict__,
-               "verdicts": {v: sum(r["verdict"] == v for r in results) for v in ("pass", "fail", "error")},
-               "unexpected": [r["cell"]["id"] for r in results if not r["expected_ok"]]}
+               "verdicts": verdicts, "unexpected": unexpected}
     (out / "results.json").write_text(json.dumps({"summary": summary, "results": results}, indent=2) + "\n")
     write_matrix_report(out, results, summary)
-    print(f"{summary['cells']} cells in {wall:.0f}s: {summary['verdicts']}; "
-          f"unexpected verdicts: {len(summary['unexpected'])}")
-    for cell_id in summary["unexpected"]:
+    print(f"{len(results)} cells in {wall:.0f}s: {verdicts}; unexpected verdicts: {len(unexpected)}")
+    for cell_id in unexpected:
         print(f"  unexpected: {cell_id}")
     print(f"report: {out / 'index.html'}")
-    return 1 if summary["unexpected"] or summary["verdicts"]["error"] else 0
+    return 1 if unexpected or verdicts["error"] else 0
 
 
 def register(subparsers) -> None:

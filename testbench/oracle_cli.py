@@ -22,6 +22,12 @@ QEMU_DTB_SIZE = 0x100000  # QEMU pads the DTB it generates to 1 MiB (/sys/firmwa
 BOARD_DTB_SIZE = 0x10000  # a vexpress DTB plus kexec's bootargs/initrd properties stays below 64 KiB
 
 
+def _required_int(text: str, what: str) -> int:
+    value = _int(text, what)
+    assert value is not None  # _int returns None only for None
+    return value
+
+
 def _int(text: str | None, what: str) -> int | None:
     if text is None:
         return None
@@ -131,13 +137,12 @@ def _ram(args: argparse.Namespace) -> tuple[list[tuple[int, int]], str | None, i
         m = get_machine(args.machine)
         size = _int(args.ram_size, "--ram-size") or m.default_ram
         m.check_ram(size)
-        base = m.ram_base if args.ram_base is None else _int(args.ram_base, "--ram-base")
+        base = m.ram_base if args.ram_base is None else _required_int(args.ram_base, "--ram-base")
         dtb = QEMU_DTB_SIZE if m.qemu_generates_dtb else BOARD_DTB_SIZE
         return [(base, base + size)], m.name, dtb
     if args.ram_base is None or args.ram_size is None:
         raise UserError("advise needs --machine, or both --ram-base and --ram-size")
-    base, size = _int(args.ram_base, "--ram-base"), _int(args.ram_size, "--ram-size")
-    assert base is not None and size is not None
+    base, size = _required_int(args.ram_base, "--ram-base"), _required_int(args.ram_size, "--ram-size")
     if size <= 0 or base + size > 1 << 32:
         raise UserError("--ram-base/--ram-size must describe RAM below 4 GiB")
     return [(base, base + size)], None, dtb

@@ -81,7 +81,7 @@ class Slot:
             qemu.qmp.cmd("migrate", uri=f"exec:cat > {work / STATE_FILE}")
             deadline = time.monotonic() + budget("snapshot_save")
             while True:
-                status = qemu.qmp.cmd("query-migrate")
+                status = _qmp_dict(qemu.qmp.cmd("query-migrate"))
                 if status.get("status") == "completed":
                     break
                 if status.get("status") in ("failed", "cancelled") or time.monotonic() > deadline:
@@ -133,6 +133,13 @@ def claim(spec: QemuSpec, qemu_version: str, say=lambda s: None) -> Slot:
     return slot
 
 
+def _qmp_dict(reply: object) -> dict:
+    """QMP's query replies are JSON objects; the client library types them as `object`."""
+    if not isinstance(reply, dict):
+        raise BenchError(f"QMP answered {reply!r} where an object was due")
+    return reply
+
+
 def wait_restored(qemu: QemuProcess) -> float:
     """Wait until the -incoming restore is done (the VM then sits paused); returns its seconds."""
     assert qemu.qmp is not None
@@ -142,7 +149,7 @@ def wait_restored(qemu: QemuProcess) -> float:
             raise SnapshotBroken(f"QEMU exited while restoring the stage-1 snapshot: {qemu.stderr_tail()}")
         status = "inmigrate"
         with contextlib.suppress(Exception):  # QEMU may be going down: the next round says so
-            status = qemu.qmp.cmd("query-status")["status"]
+            status = _qmp_dict(qemu.qmp.cmd("query-status"))["status"]
         if status == "paused":
             return time.monotonic() - t0
         if status not in ("inmigrate", "prelaunch"):

@@ -23,6 +23,7 @@ import struct
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, cast
 
 from .errors import UserError
 
@@ -278,8 +279,9 @@ def read_zimage(source: str | Path | bytes, decompressor_elf: str | Path | None 
         from .zimage_elf import decompressor_symbols, vmlinux_symbols
 
         if decompressor_elf is not None:
-            zi = replace(zi, **decompressor_symbols(decompressor_elf, zi.magic_start),
+            zi = replace(zi, **cast(dict[str, Any], decompressor_symbols(decompressor_elf, zi.magic_start)),
                          notes=(*zi.notes, f"decompressor constants from {decompressor_elf}"))
         if vmlinux is not None:
-            zi = replace(zi, **vmlinux_symbols(vmlinux), notes=(*zi.notes, f"kernel sizes from {vmlinux}"))
+            zi = replace(zi, **cast(dict[str, Any], vmlinux_symbols(vmlinux)),
+                         notes=(*zi.notes, f"kernel sizes from {vmlinux}"))
     return zi
