@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cpio import CpioWriter
+from .datafiles import data_path
 from .errors import BenchError
 from .images import Images, write_atomic
 
-RECIPES = Path(__file__).resolve().parent.parent / "images"
+RECIPES = data_path()
 PAYLOAD_NAME = "payload.bin"
 # Kernel rule: a cpio appended after a compressed one must start 4-byte aligned; 512 keeps tools happy too.
 ARCHIVE_ALIGN = 512

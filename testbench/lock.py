@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .datafiles import data_path
 from .errors import UserError
 
 LOCK_ENV = "TESTBENCH_LOCK"
@@ -66,7 +67,7 @@ class Lock:
 
 def lock_path() -> Path:
     env = os.environ.get(LOCK_ENV)
-    return Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "images" / "lock.toml"
+    return Path(env).expanduser() if env else data_path("lock.toml")
 
 
 def read_lock(path: Path | None = None) -> Lock:

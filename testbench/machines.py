@@ -3,8 +3,8 @@
 import tomllib
 from dataclasses import dataclass, field
 from functools import cache
-from importlib import resources
 
+from .datafiles import data_path
 from .errors import UserError
 from .sizes import format_size, parse_size
 
@@ -59,7 +59,7 @@ def _resolve(raw: dict[str, dict], name: str, seen: tuple[str, ...] = ()) -> dic
 
 @cache
 def all_machines() -> dict[str, Machine]:
-    raw = tomllib.loads(resources.files("testbench").joinpath("machines.toml").read_text())
+    raw = tomllib.loads(data_path("machines.toml").read_text())
     machines = {}
     for name in raw:
         entry = _resolve(raw, name)

@@ -12,12 +12,13 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .datafiles import data_path
 from .errors import BenchError, UserError
 from .images import write_atomic
 from .machines import Machine
 from .sizes import format_size, parse_size
 
-MEMMAPS = Path(__file__).resolve().parent.parent / "images" / "memmaps.toml"
+MEMMAPS = data_path("memmaps.toml")
 PLAIN = "plain"
 STAGE1_INITRD_OFFSET = 128 << 20  # QEMU loads a 32-bit guest's initrd at base + min(RAM/2, 128 MiB)
 

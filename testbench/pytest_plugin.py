@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from .datafiles import data_path
 from .matrix import Cell, RunMode, load_matrix, run_cell
 
 AXIS_OPTIONS = {"machine": "--tb-machine", "ram": "--tb-ram", "initrd": "--tb-initrd-size",
                 "placement": "--tb-placement", "kernel": "--tb-kernel", "kexec": "--tb-kexec",
                 "memmap": "--tb-memmap"}
-CI_MATRIX = Path(__file__).resolve().parent.parent / "images" / "matrix-ci.toml"
+CI_MATRIX = data_path("matrix-ci.toml")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
