@@ -163,7 +163,8 @@ def check_case_files() -> Iterator[Finding]:
         return  # check_cache / check_qemu already said why
     common = [images.zimage, images.busybox, images.kexec, images.modules_dir / "modules.dep"]
     for machine in all_machines().values():
-        files = [*common] + ([] if machine.qemu_generates_dtb else [images.dtb_dir / machine.dtb])
+        board_dtb = machine.board_dtb(images.dtb_dir)
+        files = [*common, *([board_dtb] if board_dtb else [])]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             yield Finding("fail", f"{machine.name}: a case would open missing files: {', '.join(missing)}",

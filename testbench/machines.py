@@ -3,6 +3,7 @@
 import tomllib
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 
 from .datafiles import data_path
 from .errors import UserError
@@ -19,6 +20,8 @@ class Machine:
     default_ram: int
     console: str
     dtb: str  # "qemu" when QEMU generates it, else a DTB file name from the kernel package
+    dtb_size: int  # what a placement plans for the DTB kexec loads (QEMU's is padded to 1 MiB)
+    dtb_rom: int = 0  # bytes at the RAM base where QEMU puts its DTB when it boots no -kernel
     smp: int = 1
     machine_options: tuple[str, ...] = ()  # appended to -M as ",key=value"
     qemu_args: tuple[str, ...] = ()
@@ -34,6 +37,10 @@ class Machine:
     @property
     def qemu_generates_dtb(self) -> bool:
         return self.dtb == "qemu"
+
+    def board_dtb(self, dtb_dir: Path) -> Path | None:
+        """The DTB file the board boots with, from the kernel package's DTB dir; None when QEMU makes it."""
+        return None if self.qemu_generates_dtb else dtb_dir / self.dtb
 
     def check_ram(self, ram: int) -> None:
         if ram > self.max_ram:
@@ -74,6 +81,8 @@ def all_machines() -> dict[str, Machine]:
             default_ram=parse_size(entry["default_ram"]),
             console=entry["console"],
             dtb=entry["dtb"],
+            dtb_size=int(entry["dtb_size"]),
+            dtb_rom=int(entry.get("dtb_rom", 0)),
             smp=int(entry.get("smp", 1)),
             machine_options=tuple(entry.get("machine_options", ())),
             qemu_args=tuple(entry.get("qemu_args", ())),

@@ -24,8 +24,6 @@ from .sizes import parse_size
 
 DEFAULT_MATRIX = data_path("matrix.toml")
 AXES = ("machine", "ram", "initrd", "placement", "kernel", "kexec", "memmap")
-QEMU_DTB_SIZE = 0x101000  # QEMU's 1 MiB virt DTB plus kexec's bootargs/initrd properties
-BOARD_DTB_SIZE = 0x10000  # a vexpress DTB with kexec's additions stays well below 64 KiB
 STAGE2_BASE = 1 << 20  # busybox and init around the payload; only moves where the DTB lands
 
 
@@ -93,15 +91,14 @@ def kexec_args_for(cell: Cell) -> list[str]:
     from .images import kernel_path
     from .machines import get_machine
     from .memmap import get_memmap
-    from .oracle import advise
+    from .oracle import DEFAULT_VERSION, advise
     from .zimage import read_zimage
 
     machine = get_machine(cell.machine)
     kernel = kernel_path(cell.kernel)
     ram = get_memmap(cell.memmap).ram_ranges(machine.ram_base, parse_size(cell.ram))
-    dtb = QEMU_DTB_SIZE if machine.qemu_generates_dtb else BOARD_DTB_SIZE
-    advice = advise(read_zimage(kernel), ram, "2.0.25", initrd_size=parse_size(cell.initrd) + STAGE2_BASE,
-                    dtb_size=dtb)
+    advice = advise(read_zimage(kernel), ram, DEFAULT_VERSION, initrd_size=parse_size(cell.initrd) + STAGE2_BASE,
+                    dtb_size=machine.dtb_size)
     return [f"--image-size={advice.image_size:#x}"] if advice.needed else []
 
 

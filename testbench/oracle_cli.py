@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .oracle.placement import DEFAULT_VERSION
 from .sizes import parse_size
 
 EXIT = {"safe": 0, "collision": 1, "unknown": 3}
 QEMU_DTB_SIZE = 0x100000  # QEMU pads the DTB it generates to 1 MiB (/sys/firmware/fdt on virt)
-BOARD_DTB_SIZE = 0x10000  # a vexpress DTB plus kexec's bootargs/initrd properties stays below 64 KiB
 
 
 def _required_int(text: str, what: str) -> int:
@@ -138,8 +138,7 @@ def _ram(args: argparse.Namespace) -> tuple[list[tuple[int, int]], str | None, i
         size = _int(args.ram_size, "--ram-size") or m.default_ram
         m.check_ram(size)
         base = m.ram_base if args.ram_base is None else _required_int(args.ram_base, "--ram-base")
-        dtb = QEMU_DTB_SIZE if m.qemu_generates_dtb else BOARD_DTB_SIZE
-        return [(base, base + size)], m.name, dtb
+        return [(base, base + size)], m.name, m.dtb_size
     if args.ram_base is None or args.ram_size is None:
         raise UserError("advise needs --machine, or both --ram-base and --ram-size")
     base, size = _required_int(args.ram_base, "--ram-base"), _required_int(args.ram_size, "--ram-size")
@@ -202,7 +201,7 @@ def register(subparsers) -> None:
     ad.add_argument("--ram-size", help="RAM size, e.g. 1G (default: the machine's default RAM)")
     ad.add_argument("--initrd-size", help="initrd size, e.g. 1M (default: no initrd)")
     ad.add_argument("--dtb-size", help="DTB size after kexec's additions (default: 1M for QEMU's own DTB)")
-    ad.add_argument("--kexec-version", default="2.0.25", help="kexec-tools version (default 2.0.25)")
+    ad.add_argument("--kexec-version", default=DEFAULT_VERSION, help=f"kexec-tools version (default {DEFAULT_VERSION})")
     ad.add_argument("--text-offset", help="TEXT_OFFSET when the zImage's tag lacks it")
     ad.add_argument("--decompressor-elf", help="arch/arm/boot/compressed/vmlinux, for exact constants")
     ad.add_argument("--vmlinux", help="the kernel vmlinux, for exact TEXT_OFFSET and sizes")

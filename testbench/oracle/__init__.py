@@ -26,11 +26,11 @@ All ranges are [start, end) and all addresses physical.
 from .advise import Advice, AdviceError, advise
 from .analyze import AnalyzeError, analyze, predict
 from .collide import MALLOC_USED_BOUND, Collision, Region
-from .placement import FAMILIES, Placement, PlacementError, locate_hole, place, version_family
+from .placement import DEFAULT_VERSION, FAMILIES, Placement, PlacementError, locate_hole, place, version_family
 from .predict import Knowns, Prediction, evaluate
 
 __all__ = [
-    "FAMILIES", "MALLOC_USED_BOUND", "Advice", "AdviceError", "AnalyzeError", "Collision", "Knowns",
+    "DEFAULT_VERSION", "FAMILIES", "MALLOC_USED_BOUND", "Advice", "AdviceError", "AnalyzeError", "Collision", "Knowns",
     "Placement", "PlacementError", "Prediction", "Region", "advise", "analyze", "evaluate", "locate_hole",
     "place", "predict", "version_family",
 ]

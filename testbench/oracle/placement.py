@@ -24,6 +24,7 @@ EXTRA = 0x8000  # kexec-tools' hard-coded TEXT_OFFSET ("extra_size")
 DECOMP_EXTRA = 0x11000  # 2.0.17+: 4 KiB stack + 64 KiB malloc for the decompressor
 ULONG_MAX = 0xFFFFFFFF
 FAMILIES = ("<=2.0.12", "2.0.13-2.0.15", "2.0.16", ">=2.0.17")
+DEFAULT_VERSION = "2.0.25"  # Debian 12's kexec-tools: the version assumed when none is given or logged
 
 Ranges = Sequence[tuple[int, int]]
 
