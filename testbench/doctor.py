@@ -29,7 +29,8 @@ LOW_DISK = 2 << 30
 QEMU_START_PROBE = 1.5
 SETUP = "scripts/setup"
 # module to import -> the distribution that provides it (pyproject's dependencies and the dev extra).
-PYTHON_DEPS = {"qemu.qmp": "qemu.qmp", "elftools": "pyelftools", "pytest": "pytest", "xdist": "pytest-xdist"}
+PYTHON_DEPS = {"qemu.qmp": "qemu.qmp", "elftools": "pyelftools", "libfdt": "pylibfdt", "pytest": "pytest",
+               "xdist": "pytest-xdist"}
 DEV_DEPS = {"hypothesis": "hypothesis"}
 # host tool -> Debian package; dtc checks --dtb inputs, depmod runs once per fetched kernel.
 HOST_TOOLS = {"dtc": "device-tree-compiler", "fdtget": "device-tree-compiler", "depmod": "kmod",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .datafiles import data_path
+from .dtb import DtbError, Editor
 from .errors import BenchError, UserError
 from .images import write_atomic
 from .machines import Machine
@@ -65,52 +66,43 @@ def get_memmap(name: str) -> MemMap:
     return maps[name]
 
 
-def _run(args: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
-    try:
-        done = subprocess.run(args, capture_output=True, **kwargs)
-    except FileNotFoundError:
-        raise UserError(f"{args[0]} not found; install it with `apt-get install device-tree-compiler`") from None
-    if done.returncode != 0:
-        err = done.stderr.decode(errors="replace") if isinstance(done.stderr, bytes) else done.stderr
-        raise BenchError(f"{what} failed: {err.strip()[:300]}")
-    return done
-
-
-def _cells(dts: str, prop: str) -> int:
-    # The root node's #address-cells/#size-cells: the first such line in dtc's output belongs to /.
-    for line in dts.splitlines():
-        line = line.strip()
-        if line.startswith(f"{prop} = <"):
-            return int(line.split("<")[1].split(">")[0], 0)
-    return 1
-
-
-def _cell_words(value: int, cells: int) -> str:
-    return " ".join(f"{(value >> (32 * i)) & 0xFFFFFFFF:#x}" for i in reversed(range(cells)))
-
-
 def with_holes(board_dtb: bytes, holes: list[tuple[int, int]]) -> bytes:
     """The DTB with one /reserved-memory no-map node per hole (the kernel requires the node's cells to
-    match the root's, and an empty `ranges`)."""
-    dts = _run(["dtc", "-q", "-I", "dtb", "-O", "dts", "-"], "dtc (decompile)", input=board_dtb).stdout.decode()
-    acells, scells = _cells(dts, "#address-cells"), _cells(dts, "#size-cells")
-    nodes = "".join(f"\t\ttestbench-hole@{lo:x} {{\n\t\t\treg = <{_cell_words(lo, acells)} "
-                    f"{_cell_words(hi - lo, scells)}>;\n\t\t\tno-map;\n\t\t}};\n" for lo, hi in holes)
-    overlay = (f"\n/ {{\n\treserved-memory {{\n\t\t#address-cells = <{acells}>;\n\t\t#size-cells = <{scells}>;\n"
-               f"\t\tranges;\n{nodes}\t}};\n}};\n")
-    return _run(["dtc", "-q", "-I", "dts", "-O", "dtb", "-"], "dtc (compile)",
-                input=(dts + overlay).encode()).stdout
+    match the root's, and an empty `ranges`; a /reserved-memory the board has already is extended)."""
+    try:
+        tree = Editor(board_dtb)
+        acells, scells = tree.cells("/", "#address-cells"), tree.cells("/", "#size-cells")
+        tree.set_cells("/reserved-memory", "#address-cells", (acells, 1))
+        tree.set_cells("/reserved-memory", "#size-cells", (scells, 1))
+        tree.set_empty("/reserved-memory", "ranges")
+        for lo, hi in holes:
+            node = f"/reserved-memory/testbench-hole@{lo:x}"
+            tree.set_cells(node, "reg", (lo, acells), (hi - lo, scells))
+            tree.set_empty(node, "no-map")
+        return bytes(tree)
+    except DtbError as err:
+        raise BenchError(f"adding the memory map's holes to the board DTB failed: {err}") from None
 
 
 def stage1_dtb(cache_root: Path, board_dtb: bytes, memmap: MemMap, ram_base: int) -> Path:
     """The cached stage-1 DTB for `memmap` (content-keyed, written atomically for concurrent cases)."""
-    key = hashlib.sha256(board_dtb + repr(memmap.holes(ram_base)).encode()).hexdigest()[:20]
+    # The key names the recipe too: a DTB written by another editor (dtc before libfdt) is another file.
+    key = hashlib.sha256(b"libfdt\0" + board_dtb + repr(memmap.holes(ram_base)).encode()).hexdigest()[:20]
     out_dir = cache_root / "dtb"
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{memmap.name}-{key}.dtb"
     if not target.exists():
         write_atomic(target, with_holes(board_dtb, memmap.holes(ram_base)))
     return target
+
+
+def _run(args: list[str], what: str) -> None:
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, errors="replace")
+    except FileNotFoundError:
+        raise UserError(f"{args[0]} not found; install it with `apt-get install qemu-system-arm`") from None
+    if done.returncode != 0:
+        raise BenchError(f"{what} failed: {done.stderr.strip()[:300]}")
 
 
 def dump_qemu_dtb(binary: str, machine: Machine, ram: int) -> bytes:
