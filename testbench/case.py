@@ -1,90 +1,63 @@
 """One test case, end to end: stage-1 boot, kexec -l, kexec -e, stage 2, verdict, artifacts.
 
-`prepare_case()` checks every input and writes nothing outside the case dir; `run_case()` drives QEMU and
-always returns a CaseResult (a bench failure becomes verdict `error`), with QEMU dead by the time it returns.
+`prepare_case()` (prepare.py) checks every input and writes nothing outside the case dir; `run_case()` drives
+QEMU and always returns a CaseResult (a bench failure becomes verdict `error`), with QEMU dead by the time it
+returns.
+The end of the run (stage-2 watch, oracle against the emulator, verdict) is observe.stage2.finish_run, which
+replay shares.
 """
 
-import json
-import os
+from __future__ import annotations
+
 import re
-import shlex
-import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from . import kexeclog
-from .console import ConsoleClosed, ConsoleTimeout, timeout_factor
+from .console import ConsoleClosed, ConsoleTimeout
 from .errors import BenchError, UserError
 from .guest import Shell
-from .images import Images
-from .initramfs import cached_stage2_initrd, stage1_initramfs
-from .inputs import Input, Loader, check_dtb, check_kexec, describe, existing_file, loader_bundle
-from .machines import Machine
-from .memmap import PLAIN, dump_qemu_dtb, get_memmap, stage1_dtb
-from .observe import Observer, kernel_log_lines, make_plan
-from .oracle import analyze
-from .qemu import SHARE_TAG, QemuProcess, QemuSpec, qemu_binary, qemu_version
+from .inputs import Input
+from .observe.observation import Observation
+from .observe.observer import Observer
+from .observe.plan import make_plan
+from .observe.stage2 import STAGE2_TIMEOUTS, finish_run, watch_stage2
+from .oracle import Prediction, analyze
+from .prepare import CaseRequest, PreparedCase, guest_commands, prepare_case
+from .qemu import QemuProcess, qemu_version
 from .report.artifacts import write_case_artifacts
 from .snapshot import Slot, SnapshotBroken, claim, wait_restored
-from .verdict import STAGE2_MARKER, Verdict, compare_oracle, judge_observation, judge_stage2, parse_stage2
-from .zimage import ZImage, read_zimage
+from .verdict import OracleComparison, Stage2, Verdict, judge_stage2
+from .zimage import ZImage
 
-GUEST_SHARE = "/mnt"
+# What callers import from here: the request, the preparation and the run, and the stage-2 watch.
+__all__ = ["TIMEOUTS", "CaseRequest", "CaseResult", "PreparedCase", "guest_commands", "prepare_case", "run_case",
+           "watch_stage2"]
+
 TAIL_IN_REASONS = 15  # console lines quoted in a hang's reasons (console.log has them all)
-KERNEL_LOG_SPAN = 32 << 20  # RAM above the kernel entry searched for log lines after a silent hang
 # Per-phase deadlines in seconds, before TESTBENCH_TIMEOUT_FACTOR. Measured on 2 TCG cores: stage 1 boots
 # in ~5 s, kexec -l of a 32 MB initrd over 9p takes ~4 s (100 MB took 48 s with the host fully loaded, hence
-# 0.8 s/MiB), a stage-2 boot ~7 s plus ~0.1 s per MiB of payload.
-# From "Bye!" to the new kernel's first earlycon line takes ~3 s (handoff + XZ decompression), so 15 s of
-# silence there is a hang (15 s leaves room for a loaded host). When the observer saw the kernel entry,
-# handoff and decompression are behind us and earlycon speaks within ~0.5 s: 6 s of silence is a hang.
-TIMEOUTS = {"boot1": 90.0, "command": 30.0, "load_base": 30.0, "load_per_mib": 0.8,
-            "stage2_base": 90.0, "stage2_per_mib": 0.6, "silence": 15.0, "silence_after_entry": 6.0}
-UNTIL = ("init", "kernel-entry")
+# 0.8 s/MiB). The stage-2 budgets live beside the stage-2 watch (observe/stage2.py).
+TIMEOUTS = {"boot1": 90.0, "command": 30.0, "load_base": 30.0, "load_per_mib": 0.8, **STAGE2_TIMEOUTS}
 LAYOUT_ONLY = "layout only (--until kernel-entry): judged at the kernel entry, stage 2 not booted"
-# Beyond the kernel and the initrd, a case dir holds the loader bundle (~6 MiB), logs and dumps.
-OUT_DIR_SLACK = 32 << 20
 
 
 @dataclass(frozen=True)
-class CaseRequest:
-    machine: Machine
-    ram: int
-    out: Path
-    kernel: Path | None = None  # None: Debian's kernel from the image cache
-    initrd: Path | None = None  # None: a generated stage-2 initrd with a payload of initrd_size bytes
-    initrd_size: int = 1 << 20
-    seed: int = 1
-    dtb: Path | None = None  # None: the DTB the first kernel booted with (/sys/firmware/fdt)
-    kexec: Path | None = None  # None: Debian's kexec-tools
-    kexec_args: tuple[str, ...] = ()
-    gdb: bool = False  # a user's debugger will attach: no deadlines
-    observe: bool = False  # stop at zImage and kernel entry via the gdbstub, dump and diff every segment
-    snapshot: bool = True  # restore stage 1 from its saved state (snapshot.py) instead of booting it
-    until: str = "init"  # "kernel-entry": a layout verdict from the ground truth alone, no stage-2 boot
-    memmap: str = PLAIN  # a RAM map from images/memmaps.toml: holes stage 1's DTB gives kexec to work around
+class Stage1Origin:
+    """How stage 1 came up: "boot", "boot, saved" or "snapshot" (restored), and the profile's snapshot key."""
+    source: str
+    snapshot: str | None
 
-    @property
-    def observing(self) -> bool:
-        return self.observe or self.until == "kernel-entry"
-
-    @property
-    def stage2_cmdline(self) -> str:
-        return " ".join([f"console={self.machine.console}", *self.machine.stage2_cmdline, "panic=-1"])
+    def to_dict(self) -> dict:
+        return {"from": self.source, "snapshot": self.snapshot}
 
 
-@dataclass(frozen=True)
-class PreparedCase:
-    request: CaseRequest
-    share: Path
-    stage1: QemuSpec
-    zimage: ZImage
-    loader: Loader
-    inputs: dict[str, Input]
-    payload_sha256: str | None
-    kexec_command: str
-    image_set: dict  # Images.provenance(): the Debian suite, its lock and any drift from it
+def prediction_dict(p: Prediction) -> dict:
+    """result.json's `predicted`: the oracle's view, or why it has none (an error is all it says then)."""
+    if "error" in p.details:
+        return {"verdict": p.verdict, "error": p.details["error"], "collisions": []}
+    return p.to_dict()
 
 
 @dataclass(frozen=True)
@@ -93,23 +66,44 @@ class CaseResult:
     verdict: Verdict
     timings: dict[str, float]
     inputs: dict[str, Input] = field(default_factory=dict)
-    load: dict | None = None
-    predicted: dict | None = None
-    stage2: dict | None = None
+    kexec_log: kexeclog.KexecLog | None = None  # the parsed `kexec --debug` load plan
+    prediction: Prediction | None = None  # the static oracle on the same addresses
+    stage2_report: Stage2 | None = None  # what the second kernel's init printed
     kexec_rc: int | None = None
     loader_version: str | None = None
     qemu_version: str | None = None
-    observed: dict | None = None  # observe.Observation.to_dict(), with --observe
-    oracle: dict | None = None  # verdict.compare_oracle(): does the oracle agree with the emulator?
-    stage1: dict | None = None  # how stage 1 came up: booted, booted and saved, or restored (+ snapshot key)
+    observation: Observation | None = None  # with --observe
+    agreement: OracleComparison | None = None  # does the oracle agree with the emulator?
+    stage1: Stage1Origin | None = None
     image_set: dict | None = None  # where the Debian inputs came from (suite, lock, drift)
+
+    # The result.json views of the typed parts (what readers of result.json see).
+    @property
+    def load(self) -> dict | None:
+        return self.kexec_log.to_dict() if self.kexec_log else None
+
+    @property
+    def predicted(self) -> dict | None:
+        return prediction_dict(self.prediction) if self.prediction is not None else None
+
+    @property
+    def stage2(self) -> dict | None:
+        return self.stage2_report.to_dict() if self.stage2_report is not None else None
+
+    @property
+    def observed(self) -> dict | None:
+        return self.observation.to_dict() if self.observation is not None else None
+
+    @property
+    def oracle(self) -> dict | None:
+        return self.agreement.to_dict() if self.agreement is not None else None
 
     def to_dict(self) -> dict:
         m = self.request.machine
-        truth = {} if self.observed is None else {
+        truth = {} if self.observation is None else {
             "observed": self.observed,
-            "oracle_agrees": self.oracle["agrees"] if self.oracle else None,
-            "oracle_difference": self.oracle["differences"] if self.oracle else None,
+            "oracle_agrees": self.agreement.agrees if self.agreement else None,
+            "oracle_difference": list(self.agreement.differences) if self.agreement else None,
         }
         return {
             **self.verdict.to_dict(),
@@ -125,138 +119,13 @@ class CaseResult:
             "kexec_rc": self.kexec_rc,
             "loader_version": self.loader_version,
             "qemu_version": self.qemu_version,
-            "stage1": self.stage1,
+            "stage1": self.stage1.to_dict() if self.stage1 else None,
             "until": self.request.until,
             **truth,
         }
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    target.unlink(missing_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
-
-
-def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
-    m = request.machine
-    m.check_ram(request.ram)
-    memmap = get_memmap(request.memmap)
-    memmap.check(m, request.ram)
-    if request.observing and request.gdb:
-        raise UserError("--observe/--until kernel-entry and --gdb all need QEMU's gdbstub; it takes one client")
-    if request.until not in UNTIL:
-        raise UserError(f"--until {request.until}: choose one of {', '.join(UNTIL)}")
-    kernel = existing_file(request.kernel or images.zimage, "kernel")
-    zimage = read_zimage(kernel)
-    loader = check_kexec(request.kexec) if request.kexec else Loader(images.kexec, True, None)
-    if request.initrd is not None:
-        initrd_bytes = existing_file(request.initrd, "initrd").stat().st_size
-    else:
-        initrd_bytes = request.initrd_size
-    if initrd_bytes >= request.ram:
-        raise UserError(f"initrd of {initrd_bytes} bytes does not fit in {request.ram >> 20} MiB of RAM")
-    dtb = check_dtb(request.dtb) if request.dtb else None
-
-    out = request.out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"output dir {out}: cannot write ({err.strerror})") from None
-    # The share may be copied rather than hard-linked (another filesystem): refuse a dir that cannot hold
-    # it, so a full disk is one clear line here and not ENOSPC halfway through the run.
-    kernel_bytes = kernel.stat().st_size
-    need = kernel_bytes + initrd_bytes + OUT_DIR_SLACK
-    if request.observing:  # both stops are dumped in full before the dumps that repeat a file are dropped
-        need += 2 * (kernel_bytes + initrd_bytes)
-    free = shutil.disk_usage(out).free
-    if free < need:
-        raise UserError(f"output dir {out}: only {free >> 10} KiB free, a case needs about {need >> 20} MiB")
-    share = out / "share"
-    shutil.rmtree(share, ignore_errors=True)
-    (share / "loader").mkdir(parents=True)
-    _link_or_copy(kernel, share / "zImage")
-    inputs = {"kernel": describe("kernel", kernel, _version_of(images, kernel, images.kernel_package))}
-    payload_sha = None
-    if request.initrd is not None:
-        _link_or_copy(request.initrd, share / "initrd.img")
-        inputs["initrd"] = describe("initrd", request.initrd)
-    else:
-        built = cached_stage2_initrd(images, request.initrd_size, request.seed)
-        _link_or_copy(built.path, share / "initrd.img")
-        payload_sha = built.payload_sha256
-        inputs["initrd"] = replace(describe("initrd", share / "initrd.img"),
-                                   version=f"stage2 payload {built.payload_size} bytes, seed {built.seed}")
-    if dtb is not None:
-        _link_or_copy(dtb, share / "board.dtb")
-        inputs["dtb"] = describe("dtb", dtb)
-    bundle = loader_bundle(images)
-    for lib in (bundle / "lib").iterdir():
-        (share / "loader" / "lib").mkdir(exist_ok=True)
-        _link_or_copy(lib, share / "loader" / "lib" / lib.name)
-    _link_or_copy(loader.binary, share / "loader" / "kexec")
-    kexec_version = images.package("kexec-tools").version if request.kexec is None else _built_version(loader.binary)
-    inputs["kexec"] = describe("kexec", loader.binary, kexec_version)
-
-    stage1_initrd = stage1_initramfs(images)
-    board_dtb = None if m.qemu_generates_dtb else images.dtb_dir / m.dtb
-    if board_dtb is not None and not board_dtb.exists():
-        raise BenchError(f"{m.name}: DTB {board_dtb.name} is not in the kernel package")
-    if memmap.no_map:
-        board = board_dtb.read_bytes() if board_dtb else dump_qemu_dtb(qemu_binary(), m, request.ram)
-        board_dtb = stage1_dtb(images.root, board, memmap, m.ram_base)
-        inputs["stage1_dtb"] = replace(describe("stage1_dtb", board_dtb), version=f"memory map {memmap.name}")
-    stage1 = QemuSpec(machine=m, ram=request.ram, kernel=images.zimage, initrd=stage1_initrd,
-                      append=" ".join([f"console={m.console}", *m.stage1_cmdline]), dtb=board_dtb, share=share)
-    inputs["stage1_kernel"] = describe("stage1_kernel", images.zimage, images.package(images.kernel_package).version)
-    run_kexec = f"{GUEST_SHARE}/loader/kexec"
-    if loader.dynamic:
-        lib = f"{GUEST_SHARE}/loader/lib"
-        run_kexec = f"{lib}/ld-linux-armhf.so.3 --library-path {lib} {run_kexec}"
-    load_args = ["--debug", "-l", f"{GUEST_SHARE}/zImage", f"--initrd={GUEST_SHARE}/initrd.img",
-                 f"--dtb={GUEST_SHARE}/board.dtb", f"--command-line={request.stage2_cmdline}",
-                 *request.kexec_args]
-    return PreparedCase(request=request, share=share, stage1=stage1, zimage=zimage, loader=loader, inputs=inputs,
-                        image_set=images.provenance(),
-                        payload_sha256=payload_sha, kexec_command=f"{run_kexec} {shlex.join(load_args)}")
-
-
-def _built_version(binary: Path) -> str | None:
-    """What scripts/build-kernel or scripts/build-kexec recorded next to its output (meta.json)."""
-    try:
-        meta = json.loads((binary.parent / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-    source = meta.get("source") or {}
-    origin = source.get("version") or source.get("describe") or source.get("path") or source.get("kind")
-    return f"built {meta.get('name', binary.parent.name)}: {origin}, sha256 {str(meta.get('sha256', ''))[:12]}"
-
-
-def _version_of(images: Images, path: Path, package: str) -> str | None:
-    return images.package(package).version if path == images.zimage else _built_version(path)
-
-
-def guest_commands(case: PreparedCase) -> list[str]:
-    """What the bench types in the stage-1 shell, in order (also written to the share as autorun.sh)."""
-    # cache=mmap: kexec-tools mmaps the initrd, and without a page cache every 4 KiB fault is its own 9p
-    # read (a 100 MB initrd took 13 s to load instead of 2.5 s). Plain reads and writes stay uncached, so
-    # what the guest writes to the share is on the host when the command returns.
-    mount = f"mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=mmap {SHARE_TAG} {GUEST_SHARE}"
-    save_dtb = [] if case.request.dtb else [f"cp /sys/firmware/fdt {GUEST_SHARE}/board.dtb"]
-    run_kexec = case.kexec_command.split(" --debug")[0]
-    # One round trip for the set-up: each command costs a console exchange with a TCG guest.
-    # repro.sh's stage-1 init has mounted the share already before it runs these as autorun.sh.
-    mount = f"{{ mountpoint -q {GUEST_SHARE} || {mount}; }}"
-    setup = " && ".join([mount, f"cat /proc/iomem > {GUEST_SHARE}/iomem.txt", *save_dtb])
-    return [setup, f"{run_kexec} --version",
-            f"{case.kexec_command} > {GUEST_SHARE}/kexec-debug.txt 2>&1", f"{run_kexec} -e"]
-
-
-def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
+def run_case(case: PreparedCase, say: Callable[[str], None] = lambda s: None) -> CaseResult:
     """Run the case from the profile's stage-1 snapshot when there is one (making it when there is not)."""
     version = ".".join(map(str, qemu_version()))
     slot = claim(case.stage1, version, say) if case.request.snapshot else None
@@ -272,133 +141,158 @@ def run_case(case: PreparedCase, say=lambda s: None) -> CaseResult:
             slot.release()
 
 
-def _run_case(case: PreparedCase, say, version: str, slot: Slot | None) -> CaseResult:
-    request = case.request
-    timings: dict[str, float] = {}
-    load: dict | None = None
-    kexec_rc: int | None = None
-    verdict = Verdict("error", "boot1", ("bench did not start",))
-    observed: dict | None = None
-    oracle: dict | None = None
-    stage2 = None
+@dataclass
+class _Run:
+    """What one run has gathered so far: a failure at any step still reports everything before it."""
+    stage1: Stage1Origin
+    timings: dict[str, float] = field(default_factory=dict)
+    phase: str = "boot1"
+    verdict: Verdict = Verdict("error", "boot1", ("bench did not start",))
     loader_version: str | None = None
-    prediction: dict | None = None
+    kexec_rc: int | None = None
+    log: kexeclog.KexecLog | None = None
+    prediction: Prediction | None = None
+    observation: Observation | None = None
+    agreement: OracleComparison | None = None
+    stage2: Stage2 | None = None
+
+
+def _run_case(case: PreparedCase, say: Callable[[str], None], version: str, slot: Slot | None) -> CaseResult:
+    request = case.request
     commands = guest_commands(case)
     (case.share / "autorun.sh").write_text("\n".join(commands) + "\n")
-    phase = "boot1"
     incoming = slot.state if slot is not None and slot.ready else None
-    stage1: dict = {"from": "snapshot" if incoming else "boot", "snapshot": slot.key if slot else None}
+    run = _Run(Stage1Origin("snapshot" if incoming else "boot", slot.key if slot else None))
     try:
         # --gdb opens the gdbstub for the user (and lifts every deadline); --observe uses it itself.
         with QemuProcess(case.stage1, request.out, gdb=request.observing or request.gdb,
                          debugger_attached=request.gdb, incoming=incoming) as qemu:
-            assert qemu.console is not None
             if request.gdb:
                 say(f"gdbstub for you: gdb-multiarch -ex 'target remote {qemu.sockets.gdb}' (no deadlines)")
-            console = qemu.console
-            shell = Shell(console)
-            t0 = time.monotonic()
-            if incoming is not None:
-                say("boot1: restoring the stage-1 snapshot")
-                wait_restored(qemu)
-                qemu.cont()
-            else:
-                qemu.cont()
-                say("boot1: booting the stage-1 kernel")
-                shell.wait_ready(TIMEOUTS["boot1"])
-                if slot is not None and slot.lock_fd is not None:
-                    say("boot1: saving the stage-1 snapshot for the next cases of this profile")
-                    try:
-                        timings["snapshot_save"] = slot.save(qemu, time.monotonic() - t0)
-                        stage1["from"] = "boot, saved"
-                    except BenchError as err:  # no snapshot is only slower: carry on with this boot
-                        say(f"boot1: {err}")
-                    qemu.cont()
-            timings["boot1"] = time.monotonic() - t0
-            t_setup = time.monotonic()
-            for command in commands[:-2]:
-                result = shell.run(command, TIMEOUTS["command"], command.split()[0])
-                if result.rc != 0:
-                    raise BenchError(f"stage-1 command failed ({result.rc}): {command}\n{result.output}")
-                if command.endswith("--version"):
-                    loader_version = _kexec_version(result.output)
-            timings["setup"] = time.monotonic() - t_setup
-            phase = "load"
-            say("load: kexec --debug -l")
-            mib = (case.inputs["initrd"].size >> 20) + 1
-            loaded = shell.run(commands[-2], TIMEOUTS["load_base"] + TIMEOUTS["load_per_mib"] * mib, "kexec -l")
-            timings["load"] = loaded.seconds
-            kexec_rc = loaded.rc
-            debug_text = (case.share / "kexec-debug.txt").read_text(errors="replace")
-            log = _parse_load(debug_text)
-            load = log.to_dict() if log else None
-            prediction = _predict(log, case.zimage, loader_version)
-            if loaded.rc in (126, 127):  # the shell could not run the loader at all: our problem
-                raise BenchError(f"stage 1 could not run kexec (exit {loaded.rc}): {debug_text.strip()[:200]}")
-            if loaded.rc != 0:
-                tail = " | ".join(debug_text.strip().splitlines()[-3:])
-                verdict = Verdict("fail", "load", (f"kexec -l exited {loaded.rc}: {tail}",))
-            else:
-                phase = "handoff"  # from here an observer failure belongs to kexec -e, not to the load
-                observer = _observer(case, qemu, log, prediction) if request.observing else None
-                if observer is not None:
-                    observer.arm()
-                say("handoff: kexec -e")
-                t_exec = time.monotonic()
-                start = shell.send(commands[-1])
-                observation = None
-                resumed_at = None
-                if observer is not None:
-                    observation = observer.observe(t_exec)
-                    resumed_at = time.monotonic()
-                    for stop in observation.stops:
-                        if stop.seconds is not None:
-                            timings[f"stop_{stop.name}"] = stop.seconds
-                    timings["observe"] = resumed_at - t_exec
-                    if observation.hang:  # no stop_kernel then: record how long the bench waited
-                        timings[f"{observation.hang['phase']}_waited"] = observation.hang["waited"]
-                if request.until == "kernel-entry":
-                    ended_by = "kernel-entry"  # layout only: the ground truth is the verdict
-                elif observation is not None and observation.phase in ("handoff", "decompress"):
-                    ended_by = "observed"  # the stop never came: the VM was halted and dumped
-                else:
-                    entered = observation is not None and observation.phase == "kernel"
-                    ended_by = watch_stage2(qemu, start, mib, resumed_at, entered)
-                if observation is not None and ended_by in ("silence", "timeout") and qemu.running():
-                    observation = replace(observation, kernel_log=kernel_log_from_ram(qemu, observer))
-                timings["stage2"] = time.monotonic() - t_exec
-                after = console.text[start:]
-                if ended_by == "kernel-entry":
-                    verdict = Verdict("pass", "kernel", (LAYOUT_ONLY,))
-                else:
-                    verdict = judge_stage2(after, request.stage2_cmdline, case.payload_sha256, ended_by)
-                if verdict.verdict == "fail" and prediction is not None:
-                    verdict = replace(verdict, reasons=verdict.reasons + _oracle_reasons(prediction))
-                if observation is not None:
-                    observed = observation.to_dict()
-                    oracle = compare_oracle(observed, prediction)
-                    verdict = judge_observation(verdict, observed, oracle)
-                parsed = parse_stage2(after)
-                stage2 = parsed.to_dict() if parsed else None
+            assert qemu.console is not None
+            shell = Shell(qemu.console)
+            _stage1(qemu, shell, slot, incoming is not None, run, say)
+            _setup(shell, commands, run)
+            run.phase = "load"
+            if _load(case, shell, commands[-2], run, say):
+                run.phase = "handoff"  # from here an observer failure belongs to kexec -e, not to the load
+                _exec(case, qemu, shell, commands[-1], run, say)
     except (ConsoleTimeout, ConsoleClosed) as err:
         # Only stage-1 waits get here (the stage-2 watch judges its own silence): a hang before kexec -e is
         # the bench's or stage 1's problem, not a kexec finding.
         tail = "\n".join(err.tail.splitlines()[-TAIL_IN_REASONS:])
         headline = str(err).splitlines()[0].removesuffix("; last console lines:")
         quoted = f"last console lines:\n{tail}" if tail.strip() else "the console printed nothing"
-        verdict = Verdict("error", phase, (headline, quoted))
+        run.verdict = Verdict("error", run.phase, (headline, quoted))
     except SnapshotBroken:
         raise  # run_case drops the snapshot and boots instead
     except BenchError as err:  # GdbError included: the observation itself broke
-        verdict = Verdict("error", phase, (str(err),))
+        run.verdict = Verdict("error", run.phase, (str(err),))
+    timings = run.timings
     # stop_* and observe lie inside stage2 (kexec -e to the end): not added twice
     timings["total"] = sum(v for k, v in timings.items() if k in ("boot1", "setup", "load", "stage2"))
-    result = CaseResult(request=request, verdict=verdict, timings=timings, inputs=case.inputs, load=load,
-                        stage2=stage2, kexec_rc=kexec_rc, qemu_version=version, predicted=prediction,
-                        loader_version=loader_version, observed=observed, oracle=oracle, stage1=stage1,
-                        image_set=case.image_set)
-    write_case_artifacts(case, result, commands)
+    result = CaseResult(request=request, verdict=run.verdict, timings=timings, inputs=case.inputs,
+                        kexec_log=run.log, stage2_report=run.stage2, kexec_rc=run.kexec_rc, qemu_version=version,
+                        prediction=run.prediction, loader_version=run.loader_version, observation=run.observation,
+                        agreement=run.agreement, stage1=run.stage1, image_set=case.image_set)
+    title = f"{request.machine.name} {' '.join(request.kexec_args) or 'default placement'}: " \
+            f"{result.verdict.verdict} ({result.verdict.phase})"
+    write_case_artifacts(request.out, case.share, case.stage1, result.to_dict(), commands, title)
     return result
+
+
+def _stage1(qemu: QemuProcess, shell: Shell, slot: Slot | None, restoring: bool, run: _Run,
+            say: Callable[[str], None]) -> None:
+    """Stage 1 at its shell prompt: restored from the profile's snapshot, or booted (and saved, when this
+    process claimed the profile's snapshot)."""
+    t0 = time.monotonic()
+    if restoring:
+        say("boot1: restoring the stage-1 snapshot")
+        wait_restored(qemu)
+        qemu.cont()
+    else:
+        qemu.cont()
+        say("boot1: booting the stage-1 kernel")
+        shell.wait_ready(TIMEOUTS["boot1"])
+        if slot is not None and slot.lock_fd is not None:
+            say("boot1: saving the stage-1 snapshot for the next cases of this profile")
+            try:
+                run.timings["snapshot_save"] = slot.save(qemu, time.monotonic() - t0)
+                run.stage1 = replace(run.stage1, source="boot, saved")
+            except BenchError as err:  # no snapshot is only slower: carry on with this boot
+                say(f"boot1: {err}")
+            qemu.cont()
+    run.timings["boot1"] = time.monotonic() - t0
+
+
+def _setup(shell: Shell, commands: list[str], run: _Run) -> None:
+    t_setup = time.monotonic()
+    for command in commands[:-2]:
+        result = shell.run(command, TIMEOUTS["command"], command.split()[0])
+        if result.rc != 0:
+            raise BenchError(f"stage-1 command failed ({result.rc}): {command}\n{result.output}")
+        if command.endswith("--version"):
+            run.loader_version = _kexec_version(result.output)
+    run.timings["setup"] = time.monotonic() - t_setup
+
+
+def _load(case: PreparedCase, shell: Shell, command: str, run: _Run, say: Callable[[str], None]) -> bool:
+    """kexec -l: the load plan it printed and the oracle's view of it. False when kexec refused the load."""
+    say("load: kexec --debug -l")
+    loaded = shell.run(command, TIMEOUTS["load_base"] + TIMEOUTS["load_per_mib"] * _mib(case), "kexec -l")
+    run.timings["load"] = loaded.seconds
+    run.kexec_rc = loaded.rc
+    debug_text = (case.share / "kexec-debug.txt").read_text(errors="replace")
+    run.log = _parse_load(debug_text)
+    run.prediction = _predict(run.log, case.zimage, run.loader_version)
+    if loaded.rc in (126, 127):  # the shell could not run the loader at all: our problem
+        raise BenchError(f"stage 1 could not run kexec (exit {loaded.rc}): {debug_text.strip()[:200]}")
+    if loaded.rc != 0:
+        tail = " | ".join(debug_text.strip().splitlines()[-3:])
+        run.verdict = Verdict("fail", "load", (f"kexec -l exited {loaded.rc}: {tail}",))
+        return False
+    return True
+
+
+def _exec(case: PreparedCase, qemu: QemuProcess, shell: Shell, command: str, run: _Run,
+          say: Callable[[str], None]) -> None:
+    """kexec -e, the observer's stops (with --observe) and the end of the run."""
+    request = case.request
+    observer = _observer(case, qemu, run.log, run.prediction) if request.observing else None
+    if observer is not None:
+        observer.arm()
+    say("handoff: kexec -e")
+    t_exec = time.monotonic()
+    start = shell.send(command)
+    observation = None
+    resumed_at = None
+    if observer is not None:
+        observation = observer.observe(t_exec)
+        resumed_at = time.monotonic()
+        for stop in observation.stops:
+            if stop.seconds is not None:
+                run.timings[f"stop_{stop.name}"] = stop.seconds
+        run.timings["observe"] = resumed_at - t_exec
+        if observation.hang is not None:  # no stop_kernel then: record how long the bench waited
+            run.timings[f"{observation.hang.phase}_waited"] = observation.hang.waited
+    prediction = run.prediction
+
+    def judge_console(after: str, ended_by: str) -> Verdict:
+        if ended_by == "kernel-entry":
+            return Verdict("pass", "kernel", (LAYOUT_ONLY,))
+        verdict = judge_stage2(after, request.stage2_cmdline, case.payload_sha256, ended_by)
+        if verdict.verdict == "fail" and prediction is not None:
+            verdict = replace(verdict, reasons=verdict.reasons + _oracle_reasons(prediction))
+        return verdict
+
+    end = finish_run(qemu, observer, observation, prediction, judge_console, until=request.until, start=start,
+                     mib=_mib(case), resumed_at=resumed_at)
+    run.timings["stage2"] = time.monotonic() - t_exec
+    run.verdict, run.observation, run.agreement, run.stage2 = end.verdict, end.observation, end.oracle, end.stage2
+
+
+def _mib(case: PreparedCase) -> int:
+    return (case.inputs["initrd"].size >> 20) + 1
 
 
 def _parse_load(text: str) -> kexeclog.KexecLog | None:
@@ -413,23 +307,23 @@ def _kexec_version(output: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _predict(log: kexeclog.KexecLog | None, zimage: ZImage, kexec_version: str | None) -> dict | None:
+def _predict(log: kexeclog.KexecLog | None, zimage: ZImage, kexec_version: str | None) -> Prediction | None:
     """The oracle's view of the load kexec actually made: the same addresses, judged statically."""
     if log is None:
         return None
     try:
-        return analyze(log, zimage=zimage, kexec_version=kexec_version).to_dict()
+        return analyze(log, zimage=zimage, kexec_version=kexec_version)
     except UserError as err:
-        return {"verdict": "unknown", "error": str(err), "collisions": []}
+        return Prediction("unknown", (), (), (), details={"error": str(err)})
 
 
-def _oracle_reasons(prediction: dict) -> tuple[str, ...]:
-    fatal = [c for c in prediction.get("collisions", []) if c.get("severity") == "fatal"]
-    return tuple(f"oracle: {c['a']} x {c['b']} [{c['start']:#x}, {c['end']:#x}) fatal" for c in fatal)
+def _oracle_reasons(prediction: Prediction) -> tuple[str, ...]:
+    fatal = [c for c in prediction.collisions if c.severity == "fatal"]
+    return tuple(f"oracle: {c.a} x {c.b} [{c.start:#x}, {c.end:#x}) fatal" for c in fatal)
 
 
 def _observer(case: PreparedCase, qemu: QemuProcess, log: kexeclog.KexecLog | None,
-              prediction: dict | None) -> Observer | None:
+              prediction: Prediction | None) -> Observer:
     if log is None or log.entry is None and log.kernel is None:
         raise BenchError("--observe: the kexec --debug output has no entry address to stop at")
     m = case.request.machine
@@ -437,50 +331,3 @@ def _observer(case: PreparedCase, qemu: QemuProcess, log: kexeclog.KexecLog | No
                      {"kernel": case.share / "zImage", "initrd": case.share / "initrd.img"},
                      case.request.stage2_cmdline)
     return Observer(qemu.sockets.gdb, qemu.pmemsave, plan, case.request.out / "observe")
-
-
-def kernel_log_from_ram(qemu: QemuProcess, observer: Observer) -> tuple[str, ...]:
-    """After a silent stage 2: halt the VM (gdb has detached, so QMP owns it now) and grep the kernel's
-    RAM for log lines; the log buffer lies in the kernel's data/bss above the kernel entry."""
-    assert qemu.qmp is not None
-    plan = observer.plan
-    ram_end = plan.fill[1] if plan.fill else plan.kernel_entry + KERNEL_LOG_SPAN
-    size = max(0, min(KERNEL_LOG_SPAN, ram_end - plan.kernel_entry))
-    try:
-        qemu.qmp.cmd("stop")
-        path = observer.out / "silent-kernel-ram.bin"
-        qemu.pmemsave(plan.kernel_entry, size, path)
-        lines = kernel_log_lines(path.read_bytes())
-        path.unlink()
-        return lines
-    except Exception as err:  # QEMU may exit under us (panic=-1): a missing post-mortem is not an error
-        return (f"(no post-mortem dump: {err})",)
-
-
-def watch_stage2(qemu: QemuProcess, start: int, mib: int, resumed_at: float | None = None,
-                  kernel_entered: bool = False) -> str:
-    """Read the console after kexec -e until the marker, QEMU's exit, silence, or the deadline.
-
-    Silence only ends the wait before the new kernel has printed anything: that is the hang this bench
-    exists for (a clobbered DTB or decompressor). Later quiet stretches (initramfs unpacking, the payload
-    checksum) are legitimate and only the phase deadline applies to them. `resumed_at` is when the
-    observer let the VM go: the time gdb held it stopped is not guest silence, and not stage-2 time.
-    """
-    console = qemu.console
-    assert console is not None
-    budget = TIMEOUTS["stage2_base"] + TIMEOUTS["stage2_per_mib"] * mib
-    deadline = None if console.no_deadlines else time.monotonic() + budget * timeout_factor()
-    quiet_since = resumed_at or 0.0
-    silence = TIMEOUTS["silence_after_entry" if kernel_entered else "silence"] * timeout_factor()
-    while True:
-        try:
-            found = console.wait_for(STAGE2_MARKER, 1.0, "stage 2", start, fail_on_close=False)
-        except ConsoleTimeout:
-            quiet = time.monotonic() - max(console.last_data_at, quiet_since)
-            if (not console.no_deadlines and quiet > silence
-                    and "Booting Linux" not in console.text[start:]):
-                return "silence"
-            if deadline is not None and time.monotonic() > deadline:
-                return "timeout"
-            continue
-        return "exit" if found is None else "marker"

@@ -24,28 +24,30 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from .case import kernel_log_from_ram, watch_stage2
 from .errors import UserError
 from .initramfs import Stage2Initrd, build_stage2_initrd
 from .kexeclog import KexecLog, Placed, Segment, parse_kexec_log
 from .machines import Machine, get_machine
 from .memmap import dump_qemu_dtb
-from .observe import STOP_DEADLINES, Observer, fdtget, make_plan
+from .observe.dtbprobe import fdtget
+from .observe.observer import STOP_DEADLINES, Observer
+from .observe.plan import make_plan
+from .observe.stage2 import finish_run
 from .oracle import analyze
 from .qemu import QemuProcess, QemuSpec, qemu_binary
 from .report.artifacts import write_json_atomic, write_replay_svg
 from .sizes import parse_size
-from .verdict import Verdict, compare_oracle, judge_observation, judge_stage2, parse_stage2, signature_reasons
+from .verdict import Verdict, judge_stage2, signature_reasons
 from .zimage import read_zimage
 
 # ARM boot protocol (Documentation/arm/booting.rst): r0 = 0, r1 = machine type (~0: none, use the DTB),
 # r2 = DTB. CPSR = SVC mode with IRQ, FIQ and async aborts masked, as a bootloader leaves it.
 R1_NO_MACHINE = 0xFFFFFFFF
 CPSR_SVC_MASKED = 0x1D3
-QEMU_DTB_ROM = 1 << 20  # virt without -kernel: its DTB blob at RAM base (hw/arm/virt.c, for firmware)
 
 
 def _address(text: str, base: int, what: str) -> int:
@@ -56,13 +58,36 @@ def _address(text: str, base: int, what: str) -> int:
         raise UserError(f"{what}: {text!r} is not an address (0x... or +offset from RAM base)") from None
 
 
-def _file(path: str | None, role: str) -> Path | None:
-    if path is None:
-        return None
+def _file(path: str, role: str) -> Path:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{role} {path}: no such file")
     return p
+
+
+@dataclass(frozen=True)
+class ReplayRequest:
+    """One replay, its inputs checked (`request_from_args` makes it from the command line)."""
+    machine: Machine
+    ram: int
+    out: Path
+    kernel: Path
+    kernel_at: int  # absolute addresses
+    dtb_at: int
+    initrd_at: int | None = None
+    initrd: Path | None = None  # the user's initrd; None: generated (initrd_size / log_initrd_size) or none
+    initrd_size: int | None = None  # a stage-2 initrd with a payload of this many bytes
+    log_initrd_size: int | None = None  # --from-log: the log's initrd size (a stand-in of exactly that size)
+    seed: int = 1
+    dtb: Path | None = None  # None: the machine's own DTB
+    until: str | None = None  # None: init with a generated initrd, kernel-entry otherwise
+    decompress_deadline: float | None = None  # seconds before the factor; None: STOP_DEADLINES
+    halt_check: bool = True  # False: wait out the deadline even when the CPU is halted for good
+
+    @property
+    def bootargs(self) -> str:
+        m = self.machine
+        return " ".join([f"console={m.console}", *m.stage2_cmdline, "panic=-1"])
 
 
 def _board_dtb(m: Machine, ram: int, out: Path) -> Path:
@@ -102,7 +127,7 @@ def _patch_dtb(dtb: Path, initrd: tuple[int, int] | None, bootargs: str, ram: tu
         _fdtput(dtb, "-t", "x", f"/{nodes[0]}", "reg", *words)
 
 
-def stage2_initrd_of_size(images, out: Path, size: int, seed: int) -> Stage2Initrd | None:
+def stage2_initrd_of_size(images: Any, out: Path, size: int, seed: int) -> Stage2Initrd | None:
     """A stage-2 initrd of exactly `size` bytes (a board log's initrd size): the payload fills what the
     busybox archive leaves, and zeros pad the rest (the kernel skips zeros between cpio archives).
     None when `size` cannot even hold the busybox archive."""
@@ -118,23 +143,56 @@ def stage2_initrd_of_size(images, out: Path, size: int, seed: int) -> Stage2Init
     return replace(built, size=size)
 
 
-def _addresses(args: argparse.Namespace, m: Machine) -> dict[str, int | None]:
+def _addresses(args: argparse.Namespace, m: Machine) -> tuple[int, int | None, int | None, int | None]:
+    """(kernel, initrd, dtb, the log's initrd size) as absolute addresses on `m`."""
     if args.from_log:
         text = _file(args.from_log, "--from-log")
-        assert text is not None
         log = parse_kexec_log(text.read_text(errors="replace"))
         if not log.memory_ranges or log.kernel is None:
             raise UserError(f"{args.from_log}: the log needs MEMORY RANGES and a 'Kernel:' line to replay")
         base = log.memory_ranges[0][0]
-        return {"kernel": log.kernel.address - base + m.ram_base,
-                "initrd": log.initrd.address - base + m.ram_base if log.initrd else None,
-                "dtb": log.dtb.address - base + m.ram_base if log.dtb else None,
-                "initrd_size": log.initrd.size if log.initrd else None}
+        return (log.kernel.address - base + m.ram_base,
+                log.initrd.address - base + m.ram_base if log.initrd else None,
+                log.dtb.address - base + m.ram_base if log.dtb else None,
+                log.initrd.size if log.initrd else None)
     if args.kernel_at is None or args.dtb_at is None:
         raise UserError("replay needs --kernel-at and --dtb-at (and --initrd-at with --initrd), or --from-log")
-    return {"kernel": _address(args.kernel_at, m.ram_base, "--kernel-at"),
-            "initrd": _address(args.initrd_at, m.ram_base, "--initrd-at") if args.initrd_at else None,
-            "dtb": _address(args.dtb_at, m.ram_base, "--dtb-at"), "initrd_size": None}
+    return (_address(args.kernel_at, m.ram_base, "--kernel-at"),
+            _address(args.initrd_at, m.ram_base, "--initrd-at") if args.initrd_at else None,
+            _address(args.dtb_at, m.ram_base, "--dtb-at"), None)
+
+
+def request_from_args(args: argparse.Namespace) -> ReplayRequest:
+    """The command line's bad input, each one line (UserError): machine, RAM, files, addresses, sizes."""
+    m = get_machine(args.machine)
+    ram = parse_size(args.ram, "--ram") if args.ram else m.default_ram
+    m.check_ram(ram)
+    out = Path(args.out or f"out/replay-{m.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    from .images import kernel_path
+
+    kernel = kernel_path(args.kernel) if args.kernel in (None, "debian") else _file(args.kernel, "kernel")
+    kernel_at, initrd_at, dtb_at, log_initrd_size = _addresses(args, m)
+    size = getattr(args, "initrd_size", None)
+    if args.initrd is not None and size:
+        raise UserError("--initrd and --initrd-size exclude each other")
+    initrd = _file(args.initrd, "initrd") if args.initrd is not None else None
+    if size is not None and args.initrd is None and initrd_at is None:
+        raise UserError("--initrd-size needs --initrd-at (or an 'Initrd:' line in --from-log)")
+    if initrd is not None and initrd_at is None:
+        raise UserError("--initrd needs --initrd-at (or an 'Initrd:' line in --from-log)")
+    dtb = _file(args.dtb, "dtb") if args.dtb else None
+    deadline = getattr(args, "decompress_deadline", None)
+    if deadline is not None and not deadline > 0:
+        raise UserError(f"--decompress-deadline {deadline}: give a positive number of seconds")
+    if dtb_at is None:  # --from-log without a DT line: there is nowhere to put the DTB
+        raise UserError(f"{args.from_log}: the log needs a DT line (the DTB's address) to replay")
+    return ReplayRequest(machine=m, ram=ram, out=out, kernel=kernel, kernel_at=kernel_at, dtb_at=dtb_at,
+                         initrd_at=initrd_at, initrd=initrd,
+                         initrd_size=parse_size(size, "--initrd-size") if size is not None and initrd is None
+                         else None,
+                         log_initrd_size=log_initrd_size, seed=getattr(args, "seed", 1), dtb=dtb,
+                         until=getattr(args, "until", None), decompress_deadline=deadline,
+                         halt_check=not getattr(args, "no_halt_check", False))
 
 
 def _check_layout(placed: dict[str, tuple[int, int]], ram: tuple[int, int]) -> None:
@@ -149,36 +207,32 @@ def _check_layout(placed: dict[str, tuple[int, int]], ram: tuple[int, int]) -> N
         raise UserError(f"kernel address {placed['kernel'][0]:#x} is not word-aligned")
 
 
-def _initrd(args: argparse.Namespace, at: dict, out: Path) -> tuple[Path | None, Stage2Initrd | None]:
+def _initrd(request: ReplayRequest) -> tuple[Path | None, Stage2Initrd | None]:
     """The initrd to load: the user's file, a generated stage-2 one (--initrd-size, or the log's size), or
     random bytes of the log's size when even the busybox archive does not fit in it."""
-    if args.initrd is not None:
-        if getattr(args, "initrd_size", None):
-            raise UserError("--initrd and --initrd-size exclude each other")
-        return _file(args.initrd, "initrd"), None
-    size = getattr(args, "initrd_size", None)
-    if size is None and at["initrd"] is None:
+    if request.initrd is not None:
+        return request.initrd, None
+    if request.initrd_at is None:
         return None, None
-    if at["initrd"] is None:
-        raise UserError("--initrd-size needs --initrd-at (or an 'Initrd:' line in --from-log)")
     from .images import load_images
 
-    seed = getattr(args, "seed", 1)
-    path = out / "initrd.img"
-    if size is not None:
-        built = build_stage2_initrd(load_images(), path, parse_size(size, "--initrd-size"), seed)
-        return path, built
-    wanted = at["initrd_size"] or (1 << 20)
-    built = stage2_initrd_of_size(load_images(), path, wanted, seed)
+    path = request.out / "initrd.img"
+    if request.initrd_size is not None:
+        return path, build_stage2_initrd(load_images(), path, request.initrd_size, request.seed)
+    wanted = request.log_initrd_size or (1 << 20)
+    built = stage2_initrd_of_size(load_images(), path, wanted, request.seed)
     if built is None:  # only its place matters then: stand in random bytes of the log's size
-        path.write_bytes(random.Random(seed).randbytes(wanted))
+        path.write_bytes(random.Random(request.seed).randbytes(wanted))
     return path, built
 
 
 def _judge_console(text: str, bootargs: str, built: Stage2Initrd | None, fdt_sha256: str,
                    ended_by: str) -> Verdict:
     """The stage-2 verdict of a replay. Stop 2 proved the kernel was entered, and a replay has no 'Bye!':
-    a silent console is the kernel phase dying, not a handoff."""
+    a silent console is the kernel phase dying, not a handoff. Without a stage-2 watch (layout only, or a
+    stop never came) the ground truth alone decides."""
+    if ended_by in ("kernel-entry", "observed"):
+        return Verdict("pass", "kernel")
     verdict = judge_stage2(text, bootargs, built.payload_sha256 if built else None, ended_by, fdt_sha256)
     if verdict.phase == "handoff":
         reasons = signature_reasons(text) or [f"the kernel was entered (stop 2) and printed nothing ({ended_by})"]
@@ -199,34 +253,25 @@ def _inputs(files: dict[str, Path]) -> dict:
         return described
 
 
-def replay(args: argparse.Namespace) -> dict:
-    m = get_machine(args.machine)
-    ram = parse_size(args.ram, "--ram") if args.ram else m.default_ram
-    m.check_ram(ram)
+def replay(request: ReplayRequest) -> dict:
+    """Load, stop, diff and judge one placement; the result as result.json has it (also written there)."""
+    m, ram, out = request.machine, request.ram, request.out
     ram_range = (m.ram_base, m.ram_base + ram)
-    out = Path(args.out or f"out/replay-{m.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    from .images import kernel_path
-
-    kernel = kernel_path(args.kernel) if args.kernel in (None, "debian") else _file(args.kernel, "kernel")
-    zimage = read_zimage(kernel)
-    at = _addresses(args, m)
-    initrd, built = _initrd(args, at, out)
-    if initrd is not None and at["initrd"] is None:
-        raise UserError("--initrd needs --initrd-at (or an 'Initrd:' line in --from-log)")
-    until = getattr(args, "until", None) or ("init" if built is not None else "kernel-entry")
-    bootargs = " ".join([f"console={m.console}", *m.stage2_cmdline, "panic=-1"])
+    zimage = read_zimage(request.kernel)
+    initrd, built = _initrd(request)
+    until = request.until or ("init" if built is not None else "kernel-entry")
+    bootargs = request.bootargs
     dtb = out / "replay.dtb"
-    shutil.copyfile(_file(args.dtb, "dtb") or _board_dtb(m, ram, out), dtb)
-    initrd_span = (at["initrd"], initrd.stat().st_size) if initrd is not None and at["initrd"] else None
-    _patch_dtb(dtb, initrd_span, bootargs, None if m.qemu_generates_dtb or args.dtb else (m.ram_base, ram))
+    shutil.copyfile(request.dtb or _board_dtb(m, ram, out), dtb)
+    initrd_span = (request.initrd_at, initrd.stat().st_size) if initrd is not None and request.initrd_at else None
+    _patch_dtb(dtb, initrd_span, bootargs, None if m.qemu_generates_dtb or request.dtb else (m.ram_base, ram))
     fdt_sha256 = hashlib.sha256(dtb.read_bytes()).hexdigest()
-    placed = {"kernel": (at["kernel"], zimage.size), "dtb": (at["dtb"], dtb.stat().st_size)}
+    placed = {"kernel": (request.kernel_at, zimage.size), "dtb": (request.dtb_at, dtb.stat().st_size)}
     if initrd_span:
         placed["initrd"] = initrd_span
-    assert all(a is not None for a, _ in placed.values())
-    _check_layout(placed, ram_range)  # type: ignore[arg-type]
-    files = {"kernel": kernel, "dtb": dtb} | ({"initrd": initrd} if initrd is not None else {})
+    _check_layout(placed, ram_range)
+    files = {"kernel": request.kernel, "dtb": dtb} | ({"initrd": initrd} if initrd is not None else {})
     log = KexecLog(memory_ranges=(ram_range,), zimage_size=zimage.size, file_size=None, zimage_requires=None,
                    tag_offset=None, tag_size=None, text_data=None, bss=None, total=None, kernel_space=None,
                    kernel=Placed(*placed["kernel"]),
@@ -234,25 +279,21 @@ def replay(args: argparse.Namespace) -> dict:
                    dtb=Placed(*placed["dtb"]), entry=placed["kernel"][0],
                    segments=tuple(Segment(i, None, n, a, n) for i, (a, n) in enumerate(placed.values())),
                    decompressor_copy=None, format="replay")
-    prediction = analyze(log, zimage=zimage).to_dict()
+    prediction = analyze(log, zimage=zimage)
     plan = make_plan(log, zimage, ram_range, prediction, files, bootargs)
-    # Without -kernel, QEMU's virt puts its own DTB as a 1 MiB ROM blob at RAM base (for firmware), and a
+    # Without -kernel, QEMU's virt puts its own DTB as a ROM blob at RAM base (machine data `dtb_rom`), and a
     # loader image overlapping it makes QEMU refuse to start. Such files are written over the gdbstub
     # instead, after reset has copied the blob in, so ours win. Everything else uses the loader device.
-    rom = (m.ram_base, m.ram_base + QEMU_DTB_ROM) if m.qemu_generates_dtb else (0, 0)
+    rom = (m.ram_base, m.ram_base + m.dtb_rom)
     by_gdb = {r: v for r, v in placed.items() if v[0] < rom[1] and v[0] + v[1] > rom[0]}
     spec = QemuSpec(machine=m, ram=ram, kernel=None, initrd=None, append="", dtb=None, share=None,
                     loaders=tuple((files[r], a) for r, (a, _n) in placed.items() if r not in by_gdb))
-    deadline = getattr(args, "decompress_deadline", None)
-    if deadline is not None and not deadline > 0:
-        raise UserError(f"--decompress-deadline {deadline}: give a positive number of seconds")
-    deadlines = {"decompress": deadline} if deadline else None
+    deadlines = {"decompress": request.decompress_deadline} if request.decompress_deadline else None
     timings: dict[str, float] = {}
-    stage2 = None
     t0 = time.monotonic()
     with QemuProcess(spec, out, gdb=True) as qemu:
         observer = Observer(qemu.sockets.gdb, qemu.pmemsave, plan, out / "observe", deadlines,
-                            spin_check=not getattr(args, "no_halt_check", False))
+                            spin_check=request.halt_check)
         try:
             first = observer.arm_at_entry(
                 {"r0": 0, "r1": R1_NO_MACHINE, "r2": placed["dtb"][0], "cpsr": CPSR_SVC_MASKED,
@@ -262,38 +303,33 @@ def replay(args: argparse.Namespace) -> dict:
         finally:
             observer.close()
         resumed = time.monotonic()
-        kernel_stop = next(s for s in observation.stops if s.name == "kernel")
-        if kernel_stop.seconds is not None:
+        kernel_stop = observation.stop("kernel")
+        if kernel_stop is not None and kernel_stop.seconds is not None:
             timings["stop_kernel"] = kernel_stop.seconds
-        if observation.hang:  # how long the bench waited before it halted the VM (halt check or deadline)
-            timings[f"{observation.hang['phase']}_waited"] = observation.hang["waited"]
-        if until == "init" and observation.phase == "kernel":
-            assert qemu.console is not None
-            mib = (initrd.stat().st_size >> 20) + 1 if initrd is not None else 1
-            ended_by = watch_stage2(qemu, 0, mib, resumed, kernel_entered=True)
-            text = qemu.console.text
-            if ended_by in ("silence", "timeout") and qemu.running():
-                observation = replace(observation, kernel_log=kernel_log_from_ram(qemu, observer))
+        if observation.hang is not None:  # how long the bench waited before it halted the VM
+            timings[f"{observation.hang.phase}_waited"] = observation.hang.waited
+        mib = (initrd.stat().st_size >> 20) + 1 if initrd is not None else 1
+        end = finish_run(qemu, observer, observation, prediction,
+                         lambda text, ended_by: _judge_console(text, bootargs, built, fdt_sha256, ended_by),
+                         until=until, start=0, mib=mib, resumed_at=resumed)
+        if end.watched:
             timings["stage2"] = time.monotonic() - resumed
-            parsed = parse_stage2(text)
-            stage2 = parsed.to_dict() if parsed else None
     timings["replay"] = time.monotonic() - t0
-    observed = observation.to_dict()
-    oracle = compare_oracle(observed, prediction)
-    if until == "init" and observation.phase == "kernel":
-        verdict = judge_observation(_judge_console(text, bootargs, built, fdt_sha256, ended_by), observed, oracle)
-    else:
-        verdict = judge_observation(Verdict("pass", "kernel"), observed, oracle)
-        if verdict.verdict == "pass":
-            verdict = replace(verdict, reasons=("kernel entry reached with every payload segment intact; "
-                                                "the oracle agrees (--until kernel-entry: stage 2 not watched)",))
+    verdict = end.verdict
+    if not end.watched and verdict.verdict == "pass":
+        verdict = replace(verdict, reasons=("kernel entry reached with every payload segment intact; "
+                                            "the oracle agrees (--until kernel-entry: stage 2 not watched)",))
+    assert end.observation is not None and end.oracle is not None
+    oracle = end.oracle.to_dict()
     result = {**verdict.to_dict(), "machine": m.name, "ram": {"base": m.ram_base, "size": ram},
               "placement": {role: {"address": a, "size": n, "file": str(files[role])}
                             for role, (a, n) in placed.items()},
-              "until": until, "text_offset": plan.text_offset, "observed": observed, "predicted": prediction,
-              "oracle_agrees": oracle["agrees"], "oracle_difference": oracle["differences"], "oracle": oracle,
-              "stage2": stage2, "expected": {"cmdline": bootargs, "fdt_sha256": fdt_sha256,
-                                             "payload_sha256": built.payload_sha256 if built else None},
+              "until": until, "text_offset": plan.text_offset, "observed": end.observation.to_dict(),
+              "predicted": prediction.to_dict(), "oracle_agrees": oracle["agrees"],
+              "oracle_difference": oracle["differences"], "oracle": oracle,
+              "stage2": end.stage2.to_dict() if end.stage2 is not None else None,
+              "expected": {"cmdline": bootargs, "fdt_sha256": fdt_sha256,
+                           "payload_sha256": built.payload_sha256 if built else None},
               "inputs": _inputs(files),
               "timings": {k: round(v, 3) for k, v in timings.items()}}
     write_replay_svg(out, result)
@@ -302,7 +338,7 @@ def replay(args: argparse.Namespace) -> dict:
 
 
 def handler(args: argparse.Namespace) -> int:
-    result = replay(args)
+    result = replay(request_from_args(args))
     print(f"{result['verdict']} ({result['phase']}) in {result['timings']['replay']:.1f}s on {result['machine']}")
     for role, p in result["placement"].items():
         print(f"  {role:6} [{p['address']:#x}, {p['address'] + p['size']:#x})")
@@ -319,7 +355,7 @@ def handler(args: argparse.Namespace) -> int:
     return {"pass": 0, "fail": 1}.get(result["verdict"], 2)
 
 
-def register(subparsers) -> None:
+def register(subparsers: Any) -> None:
     p = subparsers.add_parser("replay", help="replay a placement of zImage/initrd/DTB in QEMU (no stage 1) "
                               "and diff every segment at zImage and kernel entry")
     p.add_argument("--machine", required=True, help="machine profile")

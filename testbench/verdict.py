@@ -6,9 +6,14 @@ The phase of a failure is the phase that was entered and never completed. Withou
 console cannot tell handoff from decompress: silence after "Bye!" is reported as `handoff`.
 """
 
+from __future__ import annotations
+
 import json
 import re
 from dataclasses import dataclass, field
+
+from .observe.observation import Observation
+from .oracle import Collision, Prediction
 
 PHASES = ("boot1", "load", "handoff", "decompress", "kernel", "init")
 
@@ -136,7 +141,7 @@ def judge_stage2(after_exec: str, expected_cmdline: str, expected_payload_sha256
     return Verdict("fail", phase, tuple(reasons))
 
 
-# --- ground truth (observe.py) against the oracle and the console ------------------------------------------
+# --- ground truth (observe/) against the oracle and the console --------------------------------------------
 # The first clobbered byte the emulator shows may sit above the oracle's first colliding byte by a few bytes:
 # a byte written with the value it already had is invisible to a diff. Over random or cpio data 64 equal
 # bytes in a row is beyond chance, so a larger gap is a real disagreement.
@@ -144,7 +149,35 @@ START_TOLERANCE = 64
 PAYLOADS = ("initrd", "dtb")
 
 
-def compare_oracle(observed: dict, predicted: dict | None) -> dict:
+@dataclass(frozen=True)
+class FootprintCheck:
+    """Measured highest write vs the oracle's footprint end; the gap is the stack and malloc arena the
+    decoder never touched (the oracle counts all of both, which is the safe side)."""
+    measured_end: int | None
+    predicted_end: int | None
+    unused_top: int | None
+
+    def to_dict(self) -> dict:
+        return {"measured_end": self.measured_end, "predicted_end": self.predicted_end,
+                "unused_top": self.unused_top}
+
+
+@dataclass(frozen=True)
+class OracleComparison:
+    agrees: bool
+    differences: tuple[str, ...]
+    start_tolerance: int = START_TOLERANCE
+    footprint: FootprintCheck | None = None  # None when there was no prediction to compare
+
+    def to_dict(self) -> dict:
+        d: dict = {"agrees": self.agrees, "differences": list(self.differences),
+                   "start_tolerance": self.start_tolerance}
+        if self.footprint is not None:
+            d["footprint"] = self.footprint.to_dict()
+        return d
+
+
+def compare_oracle(observed: Observation, predicted: Prediction | None) -> OracleComparison:
     """Does the static oracle say what the emulator saw? Per payload segment (initrd, dtb):
 
     * a fatal predicted collision must show up as clobbered bytes, and clobbered bytes need a prediction;
@@ -152,17 +185,17 @@ def compare_oracle(observed: dict, predicted: dict | None) -> dict:
       oracle's ranges are upper bounds (the whole malloc arena, the whole stack), the diff is exact;
     * the first clobbered byte must be the oracle's first colliding byte, within START_TOLERANCE.
     """
-    if predicted is None or predicted.get("verdict") == "unknown":
+    if predicted is None or predicted.verdict == "unknown":
         why = "no prediction" if predicted is None else "the oracle could not decide (verdict unknown)"
-        return {"agrees": False, "differences": [why], "start_tolerance": START_TOLERANCE}
+        return OracleComparison(False, (why,))
     diffs = []
     for role in PAYLOADS:
-        got = [(c["start"], c["end"]) for c in observed.get("clobbered", []) if c["segment"] == role]
-        cols = [c for c in predicted.get("collisions", []) if c["b"] == role]
-        fatal = [c for c in cols if c["severity"] == "fatal"]
+        got = [(c.start, c.end) for c in observed.clobbered if c.segment == role]
+        cols = [c for c in predicted.collisions if c.b == role]
+        fatal = [c for c in cols if c.severity == "fatal"]
         if fatal and not got:
-            diffs.append(f"{role}: oracle predicts {fatal[0]['a']} x {role} [{fatal[0]['start']:#x}, "
-                         f"{fatal[0]['end']:#x}) fatal, the emulator saw it intact")
+            diffs.append(f"{role}: oracle predicts {fatal[0].a} x {role} [{fatal[0].start:#x}, "
+                         f"{fatal[0].end:#x}) fatal, the emulator saw it intact")
             continue
         if got and not cols:
             diffs.append(f"{role}: emulator saw [{got[0][0]:#x}, {got[-1][1]:#x}) clobbered, the oracle "
@@ -172,68 +205,64 @@ def compare_oracle(observed: dict, predicted: dict | None) -> dict:
             if not _covered(s, e, cols):
                 diffs.append(f"{role}: clobbered [{s:#x}, {e:#x}) lies outside every predicted collision")
         if got and fatal:
-            first_pred = min(c["start"] for c in fatal)
+            first_pred = min(c.start for c in fatal)
             if not 0 <= got[0][0] - first_pred <= START_TOLERANCE:
                 diffs.append(f"{role}: first clobbered byte {got[0][0]:#x}, oracle's first {first_pred:#x}")
     footprint = _footprint(observed, predicted)
-    if footprint.get("measured_end") and footprint.get("predicted_end") \
-            and footprint["measured_end"] > footprint["predicted_end"]:
-        diffs.append(f"decompressor wrote up to {footprint['measured_end']:#x}, above the oracle's footprint "
-                     f"end {footprint['predicted_end']:#x}")
-    return {"agrees": not diffs, "differences": diffs, "start_tolerance": START_TOLERANCE,
-            "footprint": footprint}
+    if footprint.measured_end and footprint.predicted_end and footprint.measured_end > footprint.predicted_end:
+        diffs.append(f"decompressor wrote up to {footprint.measured_end:#x}, above the oracle's footprint "
+                     f"end {footprint.predicted_end:#x}")
+    return OracleComparison(not diffs, tuple(diffs), START_TOLERANCE, footprint)
 
 
-def _footprint(observed: dict, predicted: dict) -> dict:
-    """Measured highest write vs the oracle's footprint end; the gap is the stack and malloc arena the
-    decoder never touched (the oracle counts all of both, which is the safe side)."""
-    measured = (observed.get("footprint") or {}).get("highest_written_end")
-    written = [r["end"] for r in predicted.get("layout", []) if r.get("role") == "written"]
+def _footprint(observed: Observation, predicted: Prediction) -> FootprintCheck:
+    measured = observed.footprint.highest_written_end if observed.footprint is not None else None
+    written = [r.end for r in predicted.regions if r.role == "written"]
     top = max(written) if written else None
-    return {"measured_end": measured, "predicted_end": top,
-            "unused_top": top - measured if top is not None and measured is not None else None}
+    return FootprintCheck(measured, top, top - measured if top is not None and measured is not None else None)
 
 
-def _covered(start: int, end: int, cols: list[dict]) -> bool:
+def _covered(start: int, end: int, cols: list[Collision]) -> bool:
     """[start, end) inside the union of the predicted ranges (adjacent written regions touch)."""
     cur = start
-    for c in sorted(cols, key=lambda c: c["start"]):
-        if c["start"] <= cur < c["end"]:
-            cur = c["end"]
+    for c in sorted(cols, key=lambda c: c.start):
+        if c.start <= cur < c.end:
+            cur = c.end
     return cur >= end
 
 
-def judge_observation(verdict: Verdict, observed: dict, agreement: dict | None) -> Verdict:
+def judge_observation(verdict: Verdict, observed: Observation, agreement: OracleComparison | None) -> Verdict:
     """Fold the emulator's ground truth into the console verdict: a test passes only if every payload
     segment is intact at kernel entry, the stops were clean, and the oracle agreed."""
     reasons: list[str] = []
     phase = verdict.phase
-    stops = {s["name"]: s for s in observed.get("stops", [])}
-    if observed.get("phase") in ("handoff", "decompress"):
-        phase = observed["phase"]
+    if observed.phase in ("handoff", "decompress"):
+        phase = observed.phase
         where = "zImage entry" if phase == "handoff" else "kernel entry"
-        # The post-mortem (observe.hang_reasons) says where the CPU really was; the generic line is a fallback.
-        reasons += (observed.get("hang") or {}).get("reasons") or [
+        # The post-mortem (observe.postmortem.hang_reasons) says where the CPU really was; the generic line
+        # is a fallback.
+        reasons += (observed.hang.reasons if observed.hang is not None else ()) or [
             f"the {where} breakpoint never fired: the CPU never left the "
             f"{'old kernel / purgatory' if phase == 'handoff' else 'decompressor'}"]
-    for stop in stops.values():
-        reasons += stop.get("problems", [])
-    reasons += [f"load fidelity: {p}" for p in observed.get("fidelity", [])]
-    clobbered = observed.get("clobbered", [])
+    for stop in observed.stops:
+        reasons += stop.problems
+    reasons += [f"load fidelity: {p}" for p in observed.fidelity]
+    clobbered = observed.clobbered
     for c in clobbered:
-        reasons.append(f"clobbered between zImage entry and kernel entry: {c['label']}")
+        reasons.append(f"clobbered between zImage entry and kernel entry: {c.label}")
+    kernel = observed.stop("kernel")
     if clobbered and phase in ("handoff", "kernel") and verdict.verdict != "pass" \
-            and stops.get("kernel", {}).get("reached"):
-        victims = sorted({c["segment"] for c in clobbered})
+            and kernel is not None and kernel.reached:
+        victims = sorted({c.segment for c in clobbered})
         phase = "kernel"
         reasons.append(f"phase diagnosis: the kernel was entered (stop 2, r2 = DTB address) with the "
                        f"{' and '.join(victims)} already overwritten by the decompressor"
                        + ("; without a valid DTB the kernel finds no console, hence the silence"
                           if "dtb" in victims else ""))
-    for line in observed.get("kernel_log", []):
+    for line in observed.kernel_log:
         reasons.append(f"kernel log in RAM: {line}")
-    if agreement is not None and not agreement["agrees"]:
-        reasons += [f"oracle disagrees with the emulator: {d}" for d in agreement["differences"]]
+    if agreement is not None and not agreement.agrees:
+        reasons += [f"oracle disagrees with the emulator: {d}" for d in agreement.differences]
     if not reasons:
         return verdict
     return Verdict("fail" if verdict.verdict != "error" else "error", phase, tuple(reasons) + verdict.reasons)

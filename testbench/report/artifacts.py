@@ -6,14 +6,10 @@ import json
 import shlex
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..images import write_atomic
-from ..qemu import qemu_args
+from ..qemu import QemuSpec, qemu_args
 from .svg import memory_map_svg
-
-if TYPE_CHECKING:
-    from ..case import CaseResult, PreparedCase
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -21,8 +17,8 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
-def repro_script(case: "PreparedCase") -> str:
-    spec = case.stage1
+def repro_script(spec: QemuSpec) -> str:
+    """repro.sh for a case whose stage 1 is `spec`."""
     hand = qemu_args(spec.__class__(**{**spec.__dict__, "append": spec.append + " tb.autorun"}), None)
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.machine.env)
     return "\n".join([
@@ -36,21 +32,20 @@ def repro_script(case: "PreparedCase") -> str:
     ])
 
 
-def write_case_artifacts(case: "PreparedCase", result: "CaseResult", commands: list[str]) -> None:
-    out = case.request.out
+def write_case_artifacts(out: Path, share: Path, stage1: QemuSpec, result: dict, commands: list[str],
+                         title: str) -> None:
+    """A case dir's files beside the console log: what the guest wrote to the share, the commands, repro.sh,
+    layout.svg (titled `title`) and `result` (CaseResult.to_dict()) as result.json."""
     for name in ("kexec-debug.txt", "iomem.txt", "board.dtb"):
-        source = case.share / name
+        source = share / name
         if source.exists():
             shutil.copyfile(source, out / name)
     (out / "guest-commands.txt").write_text("\n".join(commands) + "\n")
     repro = out / "repro.sh"
-    repro.write_text(repro_script(case))
+    repro.write_text(repro_script(stage1))
     repro.chmod(0o755)
-    data = result.to_dict()
-    title = f"{case.request.machine.name} {' '.join(case.request.kexec_args) or 'default placement'}: " \
-            f"{result.verdict.verdict} ({result.verdict.phase})"
-    write_layout_svg(out, data, title)
-    write_json_atomic(out / "result.json", data)
+    write_layout_svg(out, result, title)
+    write_json_atomic(out / "result.json", result)
 
 
 def write_layout_svg(out: Path, result: dict, title: str) -> Path | None:

@@ -93,8 +93,8 @@ def memory_map_svg(regions: Sequence[Any], collisions: Sequence[Any] = (), title
            f'<text x="10" y="18" font-size="14" font-weight="bold">{escape(title)}</text>']
     for i, name in enumerate(LANE_TITLES):
         out.append(f'<text x="{LEFT + i * (LANE_W + GAP)}" y="{TOP - 8}" font-weight="bold">{name}</text>')
-    for a, y in zip(addrs, ys, strict=False):
-        out.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#555">{a:#010x}</text>')
+    for addr, y in zip(addrs, ys, strict=False):
+        out.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#555">{addr:#010x}</text>')
         out.append(f'<line x1="{LEFT}" x2="{LEFT + 4 * (LANE_W + GAP)}" y1="{y:.1f}" y2="{y:.1f}" '
                    'stroke="#ddd" stroke-width="0.5"/>')
     for name, s, e, role in regs:

@@ -23,7 +23,7 @@ import pytest
 from debian_kernel import package_facts
 
 from testbench.console import timeout_factor
-from testbench.replay import replay
+from testbench.replay import ReplayRequest, replay, request_from_args
 
 TEXT_OFFSET = 0x208000
 XZ_DATA_ERROR = "XZ-compressed data is corrupt"
@@ -31,11 +31,11 @@ ARM_B_SELF = bytes.fromhex("feffffea")
 VIRT_BASE = 0x40000000
 
 
-def _args(out: Path, kernel: Path, **kw) -> argparse.Namespace:
+def _args(out: Path, kernel: Path, **kw) -> ReplayRequest:
     base = dict(machine="virt", ram=None, kernel=str(kernel), initrd=None, initrd_size=None, seed=1, dtb=None,
                 kernel_at="+0x8000", initrd_at=None, dtb_at="+0x2800000", from_log=None, until=None,
                 decompress_deadline=None, no_halt_check=False, out=str(out))
-    return argparse.Namespace(**(base | kw))
+    return request_from_args(argparse.Namespace(**(base | kw)))
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 
 from testbench.cli import main
-from testbench.replay import replay
+from testbench.replay import ReplayRequest, replay, request_from_args
 
 SEED_B = Path(__file__).parents[1] / "unit" / "data" / "seed_b.txt"
 KERNEL_END = 0x208000 + 0x13A10B4  # RAM-base relative end of the inflated Debian kernel
 
 
-def _args(tmp_path: Path, **kw) -> argparse.Namespace:
+def _args(tmp_path: Path, **kw) -> ReplayRequest:
     base = dict(machine="virt", ram=None, kernel="debian", initrd=None, initrd_size=None, seed=1, dtb=None,
                 kernel_at=None, initrd_at=None, dtb_at=None, from_log=None, until=None, decompress_deadline=None,
                 no_halt_check=False, out=str(tmp_path / "replay"))
-    return argparse.Namespace(**(base | kw))
+    return request_from_args(argparse.Namespace(**(base | kw)))
 
 
 @pytest.fixture

@@ -1,35 +1,32 @@
-"""The pure parts of observe.py: diffs of two dumps, the pattern window, halt detection, post-mortem text.
+"""The pure parts of testbench/observe/: diffs of two dumps, the pattern window, halt detection, post-mortem text.
 
 Inputs are hand-made byte strings with the changed offsets chosen here, and kexec logs from the seed
 excerpts (DOMAIN 4, log B), so every expected value is written out by hand, not taken from the code."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from zimage_builder import build_zimage
 
 from testbench.kexeclog import parse_kexec_log
-from testbench.observe import (
-    KEEP_WHOLE,
-    PATTERN,
-    Plan,
-    SegmentSpec,
-    diff_ranges,
-    free_window,
+from testbench.observe.evidence import KEEP_WHOLE, PATTERN, diff_ranges, keep_evidence, load_fidelity, segment_changes
+from testbench.observe.plan import Plan, SegmentSpec, free_window, make_plan
+from testbench.observe.postmortem import (
+    Hang,
+    Output,
     halted_for_good,
     hang_reasons,
     is_branch_to_self,
-    keep_evidence,
     kernel_log_lines,
-    load_fidelity,
     locate_in,
-    make_plan,
     output_progress,
     pattern_writes,
-    segment_changes,
     string_at,
     string_before,
 )
+from testbench.oracle import Prediction, Region
 from testbench.zimage import parse_zimage
 
 
@@ -105,10 +102,10 @@ def test_make_plan_from_seed_log_b(seed_text):
     DT 0x11a50000 size 0xb044, zImage 0x7273a8 bytes (bufsz 0x7273ac: kexec adds 4 zero bytes)."""
     log = parse_kexec_log(seed_text("seed_b"))
     zimage = parse_zimage(build_zimage(z=0x7273A8, text_offset=0x208000))
-    prediction = {"layout": [{"name": "ram", "role": "ram", "start": 0x10000000, "end": 0x50000000},
-                             {"name": "kernel", "role": "written", "start": 0x10208000, "end": 0x11000000},
-                             {"name": "decompressor.malloc", "role": "written", "start": 0x11b00000,
-                              "end": 0x11b10000}]}
+    prediction = Prediction("collision", regions=(Region("ram", 0x10000000, 0x50000000, "ram"),
+                                                  Region("kernel", 0x10208000, 0x11000000, "written"),
+                                                  Region("decompressor.malloc", 0x11B00000, 0x11B10000, "written")),
+                            collisions=(), assumptions=())
     plan = make_plan(log, zimage, (0x10000000, 0x50000000), prediction, {}, "console=ttyAMA0")
     assert plan.entry == 0x10008000
     assert plan.kernel_entry == 0x10000000 + 0x208000
@@ -177,9 +174,10 @@ REGIONS = (("pagetables", 0x40204000, 0x40208000), ("kernel", 0x40208000, 0x415A
 def test_output_progress_is_the_highest_write_inside_the_kernel_region():
     writes = [(0x40204000, 0x4053A200), (0x4053B000, 0x40A83579), (0x415A9900, 0x41AE3250)]
     got = output_progress(REGIONS, writes)
-    assert got == {"output_start": 0x40208000, "output_size": 0x13A10B4, "output_end": 0x40A83579}
-    assert output_progress(REGIONS, [(0x415A9900, 0x41AE3250)])["output_end"] is None
-    assert output_progress(REGIONS[2:], writes) == {}
+    assert got == Output(start=0x40208000, size=0x13A10B4, end=0x40A83579)
+    untouched = output_progress(REGIONS, [(0x415A9900, 0x41AE3250)])
+    assert untouched is not None and untouched.end is None
+    assert output_progress(REGIONS[2:], writes) is None
 
 
 def _plan() -> Plan:
@@ -188,11 +186,11 @@ def _plan() -> Plan:
 
 
 def test_hang_reasons_for_a_halted_decompressor():
-    hang = {"phase": "decompress", "deadline": 90.0, "waited": 2.0, "pc": 0x415AA324, "insn": "eafffffe",
-            "halted_for_good": True, "found_by": "halt check", "where": ["decompressor.copy"], "zimage_offset": 0x1AC4,
-            "strings": {"r0": {"past": "XZ-compressed data is corrupt"},
-                        "r3": {"past": "-- System halted", "at": "Attempting division by 0!"}},
-            "output_start": 0x40208000, "output_size": 0x13A10B4, "output_end": 0x40208000 + 0x13A10B4 // 4}
+    hang = Hang(phase="decompress", deadline=90.0, waited=2.0, pc=0x415AA324, insn="eafffffe",
+                halted_for_good=True, found_by="halt check", where=("decompressor.copy",), zimage_offset=0x1AC4,
+                strings={"r0": {"past": "XZ-compressed data is corrupt"},
+                         "r3": {"past": "-- System halted", "at": "Attempting division by 0!"}},
+                output=Output(start=0x40208000, size=0x13A10B4, end=0x40208000 + 0x13A10B4 // 4))
     reasons = hang_reasons(hang, _plan())
     assert reasons[0].startswith("the kernel entry 0x40208000 never came within the decompress deadline (90 s)")
     assert "branch-to-self at 0x415aa324" in reasons[0] and "never will" in reasons[0]
@@ -204,19 +202,19 @@ def test_hang_reasons_for_a_halted_decompressor():
 
 
 def test_hang_reasons_at_the_deadline_without_a_halt():
-    hang = {"phase": "decompress", "deadline": 9.0, "waited": 9.0, "pc": 0x41000000, "insn": "e3a00000",
-            "halted_for_good": False, "found_by": "deadline", "where": [], "zimage_offset": None, "strings": {}}
+    hang = Hang(phase="decompress", deadline=9.0, waited=9.0, pc=0x41000000, insn="e3a00000",
+                halted_for_good=False, found_by="deadline", where=(), zimage_offset=None, strings={})
     reasons = hang_reasons(hang, _plan())
     assert reasons[0] == ("the kernel entry 0x40208000 never came within the decompress deadline (9 s); "
                           "halted after 9.0 s at PC 0x41000000 (instruction e3a00000)")
     assert len(reasons) == 1
-    at_loop = hang | {"insn": "eafffffe", "halted_for_good": True}
+    at_loop = replace(hang, insn="eafffffe", halted_for_good=True)
     assert hang_reasons(at_loop, _plan())[0].endswith(
         "(instruction eafffffe), a branch-to-self with IRQ and FIQ masked: it never would have")
 
 
 def test_hang_reasons_when_the_vm_could_not_be_examined():
-    hang = {"phase": "handoff", "deadline": 30.0, "waited": 30.0, "error": "post-mortem incomplete: boom"}
+    hang = Hang(phase="handoff", deadline=30.0, waited=30.0, found_by="deadline", error="post-mortem incomplete: boom")
     assert hang_reasons(hang, _plan()) == [
         "the zImage entry 0x40008000 never came within the handoff deadline (30 s); post-mortem incomplete: boom"]
 
@@ -285,3 +283,42 @@ def test_a_big_clobbered_segment_keeps_only_its_changed_ranges(tmp_path):
     assert (tmp_path / listing[0]["stop2"][0]).read_bytes() == b"\xaa" * 0x100
     assert (tmp_path / listing[0]["stop2"][1]).read_bytes() == b"\x01\x02\x03\x04"
     assert sorted(p.name for p in tmp_path.glob("stop*.bin")) == sorted(listing[0]["stop2"])
+
+
+# --- the JSON edge: result.json's `observed` keeps its keys ------------------------------------------------
+def test_observation_to_dict_has_the_result_json_keys():
+    from testbench.observe.observation import Clobber, Footprint, Observation, StopReport
+    from testbench.observe.postmortem import Written
+
+    stops = (StopReport("zimage", 0x40008000, True, 0.5, 0x40008000, 0x42200000, 0xC50078, True),
+             StopReport("kernel", 0x40208000, False, None))
+    hang = Hang("decompress", 30.0, 2.0, "halt check", pc=0x415AA324, cpsr=0x600001D3, registers=tuple(range(16)),
+                insn="eafffffe", halted_for_good=True, written=(Written(0x41000000, 0x41001000, ("kernel",)),),
+                output=Output(0x40208000, 0x13A10B4, None), where=("decompressor.copy",), zimage_offset=0x1AC4,
+                strings={"r0": {"past": "XZ-compressed data is corrupt"}}, reasons=("the kernel entry never came",))
+    hung = Observation("decompress", stops, (), (), (Clobber("kernel", 0x40008000, 0x40008100, 0, 0x100),),
+                       kernel_log=("Booting Linux on physical CPU 0x0",), dumps="/x/observe", hang=hang)
+    d = hung.to_dict()
+    assert list(d) == ["phase", "stops", "fidelity", "clobbered", "by_design", "footprint", "kernel_log", "dumps",
+                       "hang"]
+    assert d["by_design"] == [{"segment": "kernel", "start": 0x40008000, "end": 0x40008100, "offset": 0,
+                               "end_offset": 0x100, "label": "kernel [0x40008000, 0x40008100) = +0x0..+0x100"}]
+    assert d["stops"][0] == {"name": "zimage", "expected_pc": 0x40008000, "reached": True, "seconds": 0.5,
+                             "pc": 0x40008000, "r2": 0x42200000, "sctlr": 0xC50078, "mmu_off": True, "problems": ()}
+    assert d["footprint"] == {}
+    assert d["hang"] == {"phase": "decompress", "deadline": 30.0, "waited": 2.0, "found_by": "halt check",
+                         "pc": 0x415AA324, "cpsr": 0x600001D3, "registers": list(range(16)), "insn": "eafffffe",
+                         "halted_for_good": True,
+                         "written": [{"start": 0x41000000, "end": 0x41001000, "regions": ["kernel"]}],
+                         "output_start": 0x40208000, "output_size": 0x13A10B4, "output_end": None,
+                         "where": ["decompressor.copy"], "zimage_offset": 0x1AC4,
+                         "strings": {"r0": {"past": "XZ-compressed data is corrupt"}},
+                         "reasons": ["the kernel entry never came"]}
+    # Both stops came: a footprint and no post-mortem; a VM that could not be examined: the error alone.
+    clean = Observation("kernel", stops, (), (), (), Footprint(0x41AE0000, (0x41000000, 0x42000000), False))
+    assert clean.to_dict()["footprint"] == {"highest_written_end": 0x41AE0000, "window": [0x41000000, 0x42000000],
+                                            "reached_window_top": False}
+    assert clean.to_dict()["hang"] == {}
+    lost = Hang("handoff", 30.0, 30.0, "deadline", error="post-mortem incomplete: boom", reasons=("r",))
+    assert lost.to_dict() == {"phase": "handoff", "deadline": 30.0, "waited": 30.0, "found_by": "deadline",
+                              "error": "post-mortem incomplete: boom", "reasons": ["r"]}
