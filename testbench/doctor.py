@@ -3,9 +3,9 @@
 Checks QEMU (present, >= 7.0, the boards of machines.toml), the Debian archive keyring, the image cache
 (the default suite's manifest fetched from the lock in force, every unpacked tree, every .deb against its
 sha256), the files each machine's case opens and the board started with exactly the bench's devices, free
-disk for the cache and
-the output dir, the Python dependencies, and the host tools (dtc, fdtget, depmod). Exit 0 when nothing
-fails (warnings, such as low disk, are printed but do not fail), 1 when a check fails.
+disk for the cache and the output dir, the Python dependencies, and the host tools (depmod, dpkg-deb,
+apt-get). Exit 0 when nothing fails (warnings, such as low disk, are printed but do not fail), 1 when a check
+fails.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ SETUP = "scripts/setup"
 PYTHON_DEPS = {"qemu.qmp": "qemu.qmp", "elftools": "pyelftools", "libfdt": "pylibfdt", "pytest": "pytest",
                "xdist": "pytest-xdist"}
 DEV_DEPS = {"hypothesis": "hypothesis"}
-# host tool -> Debian package; dtc checks --dtb inputs, depmod runs once per fetched kernel.
-HOST_TOOLS = {"dtc": "device-tree-compiler", "fdtget": "device-tree-compiler", "depmod": "kmod",
-              "dpkg-deb": "dpkg", "apt-get": "apt"}
+# host tool -> Debian package: depmod runs once per fetched kernel, dpkg-deb unpacks and apt-get fetches the
+# images. (DTBs are read and edited in process, testbench/dtb.py; the tests use dtc/fdtget as a second opinion.)
+HOST_TOOLS = {"depmod": "kmod", "dpkg-deb": "dpkg", "apt-get": "apt"}
 
 
 @dataclass(frozen=True)

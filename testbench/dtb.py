@@ -129,7 +129,7 @@ class Editor:
 
     def delete(self, path: str, prop: str) -> None:
         node = self.fdt.path_offset(path, QUIET)
-        if node >= 0 and self.fdt.getprop(node, prop, QUIET) is not None:
+        if node >= 0 and not isinstance(self.fdt.getprop(node, prop, QUIET), int):  # quiet: the error code
             self.fdt.delprop(node, prop)
 
     def __bytes__(self) -> bytes:

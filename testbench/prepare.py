@@ -137,7 +137,7 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
     inputs["kexec"] = describe("kexec", loader.binary, kexec_version)
 
     stage1_initrd = stage1_initramfs(images)
-    board_dtb = None if m.qemu_generates_dtb else images.dtb_dir / m.dtb
+    board_dtb = m.board_dtb(images.dtb_dir)
     if board_dtb is not None and not board_dtb.exists():
         raise BenchError(f"{m.name}: DTB {board_dtb.name} is not in the kernel package")
     if memmap.no_map:

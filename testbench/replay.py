@@ -21,19 +21,18 @@ import hashlib
 import json
 import random
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from . import dtb
 from .errors import UserError
 from .initramfs import Stage2Initrd, build_stage2_initrd
 from .kexeclog import KexecLog, Placed, Segment, parse_kexec_log
 from .machines import Machine, get_machine
 from .memmap import dump_qemu_dtb
-from .observe.dtbprobe import fdtget
 from .observe.observer import STOP_DEADLINES, Observer
 from .observe.plan import make_plan
 from .observe.stage2 import finish_run
@@ -91,40 +90,43 @@ class ReplayRequest:
 
 
 def _board_dtb(m: Machine, ram: int, out: Path) -> Path:
-    """The DTB the machine boots with: QEMU's own for virt (dumpdtb), the kernel package's otherwise."""
+    """The DTB the machine boots with: QEMU's own for a board that generates it (dumpdtb), else the kernel
+    package's (the image cache is read only then: a virt replay of the user's own files needs none)."""
     target = out / "board.dtb"
     if m.qemu_generates_dtb:
         target.write_bytes(dump_qemu_dtb(qemu_binary(), m, ram))
         return target
     from .images import load_images
 
-    source = load_images().dtb_dir / m.dtb
+    source = m.board_dtb(load_images().dtb_dir)
+    assert source is not None
     shutil.copyfile(source, target)
     return target
 
 
-def _fdtput(dtb: Path, *args: str, optional: bool = False) -> None:
-    run = subprocess.run(["fdtput", str(dtb), *args], capture_output=True, text=True)
-    if run.returncode != 0 and not optional:
-        raise UserError(f"{dtb}: cannot edit it with fdtput {' '.join(args[:3])}: {run.stderr.strip()}")
 
 
-def _patch_dtb(dtb: Path, initrd: tuple[int, int] | None, bootargs: str, ram: tuple[int, int] | None) -> None:
+def _patch_dtb(path: Path, initrd: tuple[int, int] | None, bootargs: str, ram: tuple[int, int] | None) -> None:
     """Write what a loader writes into /chosen, so the kernel finds the initrd and command line; with `ram`,
     make /memory say the RAM QEMU really has (a board DTB says what the board was sold with)."""
-    _fdtput(dtb, "-c", "/chosen", optional=True)  # fails only when it exists
-    _fdtput(dtb, "-t", "s", "/chosen", "bootargs", bootargs)
-    _fdtput(dtb, "-d", "/chosen", "rng-seed", optional=True)  # see the module docstring
-    if initrd is not None:
-        _fdtput(dtb, "-t", "x", "/chosen", "linux,initrd-start", f"{initrd[0]:x}")
-        _fdtput(dtb, "-t", "x", "/chosen", "linux,initrd-end", f"{initrd[0] + initrd[1]:x}")
-    if ram is not None:
-        cells = int(fdtget(dtb, "-t", "x", "/", "#address-cells") or "1", 16)
-        nodes = [n for n in (fdtget(dtb, "-l", "/") or "").split() if n == "memory" or n.startswith("memory@")]
-        if len(nodes) != 1 or cells not in (1, 2):
-            raise UserError(f"{dtb}: expected one /memory node and #address-cells 1 or 2, found {nodes}, {cells}")
-        words = [f"{x:x}" for x in ram] if cells == 1 else ["0", f"{ram[0]:x}", "0", f"{ram[1]:x}"]
-        _fdtput(dtb, "-t", "x", f"/{nodes[0]}", "reg", *words)
+    data = path.read_bytes()
+    try:
+        tree = dtb.Editor(data)
+        tree.set_string("/chosen", "bootargs", bootargs)
+        tree.delete("/chosen", "rng-seed")  # see the module docstring
+        if initrd is not None:  # one cell each, as a loader writes them for a 32-bit start and end
+            tree.set_cells("/chosen", "linux,initrd-start", (initrd[0], 1))
+            tree.set_cells("/chosen", "linux,initrd-end", (initrd[0] + initrd[1], 1))
+        if ram is not None:
+            acells, scells = tree.cells("/", "#address-cells"), tree.cells("/", "#size-cells")
+            nodes = [n for n in dtb.subnodes(data, "/") if n == "memory" or n.startswith("memory@")]
+            if len(nodes) != 1 or acells not in (1, 2):
+                raise UserError(f"{path}: expected one /memory node and #address-cells 1 or 2, found {nodes}, "
+                                f"{acells}")
+            tree.set_cells(f"/{nodes[0]}", "reg", (ram[0], acells), (ram[1], scells))
+        path.write_bytes(bytes(tree))
+    except dtb.DtbError as err:
+        raise UserError(f"{path}: cannot edit it as a device tree ({err})") from None
 
 
 def stage2_initrd_of_size(images: Any, out: Path, size: int, seed: int) -> Stage2Initrd | None:
