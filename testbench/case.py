@@ -14,22 +14,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from . import kexeclog
-from .console import ConsoleClosed, ConsoleTimeout
+from .emulator.console import ConsoleClosed, ConsoleTimeout
+from .emulator.guest import Shell
+from .emulator.qemu import QemuProcess, qemu_version
+from .emulator.snapshot import Slot, SnapshotBroken, claim, wait_restored
 from .errors import BenchError, UserError
-from .guest import Shell
-from .inputs import Input
+from .inputs import kexeclog
+from .inputs.checks import Input
+from .inputs.zimage import ZImage
 from .observe.observation import Observation
 from .observe.observer import Observer
 from .observe.plan import make_plan
 from .observe.stage2 import STAGE2_TIMEOUTS, finish_run, watch_stage2
 from .oracle import Prediction, analyze
 from .prepare import CaseRequest, PreparedCase, guest_commands, prepare_case
-from .qemu import QemuProcess, qemu_version
 from .report.artifacts import write_case_artifacts
-from .snapshot import Slot, SnapshotBroken, claim, wait_restored
 from .verdict import OracleComparison, Stage2, Verdict, judge_stage2
-from .zimage import ZImage
 
 # What callers import from here: the request, the preparation and the run, and the stage-2 watch.
 __all__ = ["TIMEOUTS", "CaseRequest", "CaseResult", "PreparedCase", "guest_commands", "prepare_case", "run_case",

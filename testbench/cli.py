@@ -26,9 +26,9 @@ def _say(text: str) -> None:
 def _run_one(args: argparse.Namespace, machine_name: str, ram: str | None, kexec_args: tuple[str, ...],
              out: Path, quiet: bool = False):
     from .case import CaseRequest, prepare_case, run_case
-    from .images import kernel_path, kexec_path, load_images
-    from .machines import get_machine
-    from .qemu import qemu_version
+    from .emulator.machines import get_machine
+    from .emulator.qemu import qemu_version
+    from .inputs.images import kernel_path, kexec_path, load_images
 
     machine = get_machine(machine_name)
     qemu_version()  # fail early, with a clear line, when QEMU is missing or too old
@@ -72,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     """No --machine: every machine, with kexec's default placement and with a large enough --image-size."""
-    from .machines import all_machines
+    from .emulator.machines import all_machines
 
     root = Path(args.out) if args.out else Path("out") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     rows = []
@@ -96,8 +96,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
-    from .fetch import fetch_images, lock_images
-    from .images import load_images
+    from .inputs.fetch import fetch_images, lock_images
+    from .inputs.images import load_images
 
     if args.action == "lock":
         lock_images(args.suite, _say)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .images import sha256_file
+from .fileio import sha256_file
 
 LOW_DISK = 2 << 30
 # A board that cannot start (missing ROM, bad device) exits within a fraction of a second.
@@ -56,8 +56,8 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess[str] | None:
 
 
 def check_qemu() -> Iterator[Finding]:
-    from .machines import all_machines
-    from .qemu import MIN_QEMU_VERSION, QEMU_BINARY, qemu_version
+    from .emulator.machines import all_machines
+    from .emulator.qemu import MIN_QEMU_VERSION, QEMU_BINARY, qemu_version
 
     install = f"apt-get install {QEMU_BINARY}"
     binary = shutil.which(QEMU_BINARY)
@@ -83,7 +83,7 @@ def check_qemu() -> Iterator[Finding]:
 
 
 def check_keyring() -> Iterator[Finding]:
-    from .apt import KEYRING
+    from .inputs.apt import KEYRING
 
     if KEYRING.is_file():
         yield Finding("ok", f"Debian archive keyring {KEYRING} (the private apt's only trust)")
@@ -93,8 +93,8 @@ def check_keyring() -> Iterator[Finding]:
 
 
 def check_cache() -> Iterator[Finding]:
-    from .images import cache_dir, manifest_path
-    from .lock import read_lock
+    from .inputs.images import cache_dir, manifest_path
+    from .inputs.lock import read_lock
 
     root = cache_dir()
     try:
@@ -153,9 +153,9 @@ def check_case_files() -> Iterator[Finding]:
     """The files a case opens, per machine: the stage-1 kernel, busybox, kexec and its libraries, the board's
     DTB; and the board itself started with exactly the devices a case gives it (a missing ROM or firmware
     stops QEMU at once: that is how virt's default NIC failed on a fresh machine)."""
-    from .images import load_images
-    from .machines import all_machines
-    from .qemu import QemuSpec, qemu_args, qemu_binary
+    from .emulator.machines import all_machines
+    from .emulator.qemu import QemuSpec, qemu_args, qemu_binary
+    from .inputs.images import load_images
 
     try:
         images = load_images()
@@ -206,7 +206,7 @@ def _free(path: Path) -> int:
 
 
 def check_disk(out: Path) -> Iterator[Finding]:
-    from .images import cache_dir
+    from .inputs.images import cache_dir
 
     for label, path, elsewhere in (("image cache", cache_dir(), "TESTBENCH_CACHE"), ("output dir", out, "--out")):
         free = _free(path)

@@ -88,11 +88,11 @@ def kexec_args_for(cell: Cell) -> list[str]:
         return []
     if cell.placement != "advised":
         return cell.placement.split()
-    from .images import kernel_path
-    from .machines import get_machine
-    from .memmap import get_memmap
+    from .emulator.machines import get_machine
+    from .inputs.images import kernel_path
+    from .inputs.memmap import get_memmap
+    from .inputs.zimage import read_zimage
     from .oracle import DEFAULT_VERSION, advise
-    from .zimage import read_zimage
 
     machine = get_machine(cell.machine)
     kernel = kernel_path(cell.kernel)
@@ -192,7 +192,7 @@ def _progress(done: int, total: int, result: dict, elapsed: float) -> None:
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
-    from .images import load_images
+    from .inputs.images import load_images
     from .report.html import write_matrix_report
 
     load_images()  # a missing cache is one clear line here, not 54 errors

@@ -49,8 +49,8 @@ def _read_text(path: str) -> str:
 def _zimage(path: str | None, args: argparse.Namespace):
     if path is None:
         return None
-    from .images import kernel_path
-    from .zimage import read_zimage
+    from .inputs.images import kernel_path
+    from .inputs.zimage import read_zimage
 
     return read_zimage(kernel_path(path), getattr(args, "decompressor_elf", None), getattr(args, "vmlinux", None))
 
@@ -107,7 +107,7 @@ def _write_svg(path: str | None, pred, title: str) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .kexeclog import parse_kexec_log
+    from .inputs.kexeclog import parse_kexec_log
     from .oracle import analyze
 
     log = parse_kexec_log(_read_text(args.logfile))
@@ -132,7 +132,7 @@ def _ram(args: argparse.Namespace) -> tuple[list[tuple[int, int]], str | None, i
     """RAM ranges, and the DTB size the machine implies."""
     dtb = None
     if args.machine:
-        from .machines import get_machine
+        from .emulator.machines import get_machine
 
         m = get_machine(args.machine)
         size = _int(args.ram_size, "--ram-size") or m.default_ram

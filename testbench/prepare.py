@@ -10,14 +10,14 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .emulator.machines import Machine
+from .emulator.qemu import SHARE_TAG, QemuSpec, qemu_binary
 from .errors import BenchError, UserError
-from .images import Images
-from .initramfs import cached_stage2_initrd, stage1_initramfs
-from .inputs import Input, Loader, check_dtb, check_kexec, describe, existing_file, loader_bundle
-from .machines import Machine
-from .memmap import PLAIN, dump_qemu_dtb, get_memmap, stage1_dtb
-from .qemu import SHARE_TAG, QemuSpec, qemu_binary
-from .zimage import ZImage, read_zimage
+from .inputs.checks import Input, Loader, check_dtb, check_kexec, describe, existing_file, loader_bundle
+from .inputs.images import Images
+from .inputs.initramfs import cached_stage2_initrd, stage1_initramfs
+from .inputs.memmap import PLAIN, dump_qemu_dtb, get_memmap, stage1_dtb
+from .inputs.zimage import ZImage, read_zimage
 
 GUEST_SHARE = "/mnt"
 UNTIL = ("init", "kernel-entry")

@@ -27,21 +27,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import dtb
+from .emulator.machines import Machine, get_machine
+from .emulator.qemu import QemuProcess, QemuSpec, qemu_binary
 from .errors import UserError
-from .initramfs import Stage2Initrd, build_stage2_initrd
-from .kexeclog import KexecLog, Placed, Segment, parse_kexec_log
-from .machines import Machine, get_machine
-from .memmap import dump_qemu_dtb
+from .inputs import dtb
+from .inputs.initramfs import Stage2Initrd, build_stage2_initrd
+from .inputs.kexeclog import KexecLog, Placed, Segment, parse_kexec_log
+from .inputs.memmap import dump_qemu_dtb
+from .inputs.zimage import read_zimage
 from .observe.observer import STOP_DEADLINES, Observer
 from .observe.plan import make_plan
 from .observe.stage2 import finish_run
 from .oracle import analyze
-from .qemu import QemuProcess, QemuSpec, qemu_binary
 from .report.artifacts import write_json_atomic, write_replay_svg
 from .sizes import parse_size
 from .verdict import Verdict, judge_stage2, signature_reasons
-from .zimage import read_zimage
 
 # ARM boot protocol (Documentation/arm/booting.rst): r0 = 0, r1 = machine type (~0: none, use the DTB),
 # r2 = DTB. CPSR = SVC mode with IRQ, FIQ and async aborts masked, as a bootloader leaves it.
@@ -96,7 +96,7 @@ def _board_dtb(m: Machine, ram: int, out: Path) -> Path:
     if m.qemu_generates_dtb:
         target.write_bytes(dump_qemu_dtb(qemu_binary(), m, ram))
         return target
-    from .images import load_images
+    from .inputs.images import load_images
 
     source = m.board_dtb(load_images().dtb_dir)
     assert source is not None
@@ -170,7 +170,7 @@ def request_from_args(args: argparse.Namespace) -> ReplayRequest:
     ram = parse_size(args.ram, "--ram") if args.ram else m.default_ram
     m.check_ram(ram)
     out = Path(args.out or f"out/replay-{m.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    from .images import kernel_path
+    from .inputs.images import kernel_path
 
     kernel = kernel_path(args.kernel) if args.kernel in (None, "debian") else _file(args.kernel, "kernel")
     kernel_at, initrd_at, dtb_at, log_initrd_size = _addresses(args, m)
@@ -216,7 +216,7 @@ def _initrd(request: ReplayRequest) -> tuple[Path | None, Stage2Initrd | None]:
         return request.initrd, None
     if request.initrd_at is None:
         return None, None
-    from .images import load_images
+    from .inputs.images import load_images
 
     path = request.out / "initrd.img"
     if request.initrd_size is not None:
@@ -245,8 +245,8 @@ def _judge_console(text: str, bootargs: str, built: Stage2Initrd | None, fdt_sha
 def _inputs(files: dict[str, Path]) -> dict:
     """What ran, as in a case's result.json: each file's sha256, and the Debian suite and lock when the
     image cache is there (a replay of the user's own files on virt may not need it)."""
-    from .images import load_images
-    from .inputs import describe
+    from .inputs.checks import describe
+    from .inputs.images import load_images
 
     described = {role: describe(role, path).to_dict() for role, path in files.items()}
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import dtb
+from ..inputs import dtb
 from .plan import SegmentSpec
 
 

@@ -18,8 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..console import timeout_factor
-from ..gdbstub import GdbError, GdbStub, Stop
+from ..emulator.console import timeout_factor
+from ..emulator.gdbstub import GdbError, GdbStub, Stop
 from .dtbprobe import dtb_problems
 from .evidence import COALESCE, PATTERN, diff_ranges, keep_evidence, load_fidelity, segment_changes
 from .observation import Clobber, Footprint, Observation, StopReport

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..kexeclog import KexecLog
+from ..inputs.kexeclog import KexecLog
+from ..inputs.zimage import ZImage
 from ..oracle import Prediction
 from ..oracle.footprint import kernel_address
-from ..zimage import ZImage
 
 FILL_ABOVE_FOOTPRINT = 1 << 20  # how far past the oracle's footprint the pattern window reaches
 FILL_DEFAULT = 48 << 20  # the window without an oracle footprint

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from ..console import Console, ConsoleTimeout, timeout_factor
+from ..emulator.console import Console, ConsoleTimeout, timeout_factor
+from ..emulator.qemu import QemuProcess
 from ..oracle import Prediction
-from ..qemu import QemuProcess
 from ..verdict import STAGE2_MARKER, OracleComparison, Stage2, Verdict, compare_oracle, judge_observation, parse_stage2
 from .observation import Observation
 from .observer import Observer

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import UserError
-from ..zimage import ZImage
+from ..inputs.zimage import ZImage
 from .analyze import predict
 from .placement import PAGE, PlacementError, align_up
 from .predict import Prediction

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from ..errors import UserError
-from ..kexeclog import KexecLog, Segment
-from ..zimage import ZImage
+from ..inputs.kexeclog import KexecLog, Segment
+from ..inputs.zimage import ZImage
 from .placement import FAMILIES, PAGE, Placement, place, version_family
 from .predict import TEXT_OFFSETS, Knowns, Prediction, evaluate
 

@@ -7,8 +7,8 @@ import shlex
 import shutil
 from pathlib import Path
 
-from ..images import write_atomic
-from ..qemu import QemuSpec, qemu_args
+from ..emulator.qemu import QemuSpec, qemu_args
+from ..fileio import write_atomic
 from .svg import memory_map_svg
 
 

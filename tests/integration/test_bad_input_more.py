@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from testbench.images import Images
+from testbench.inputs.images import Images
 
 KLSZ_TABLE = 0xD4F0  # Debian armmp 6.1: 6, KLSZ, size_ptr 0x531871, bss 0x5e4d4, 0x208000, 0x10000
 EM_AARCH64 = 183

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from testbench.images import built_dir
+from testbench.inputs.images import built_dir
 
 MIB = 1 << 20
 TEXT_OFFSET = 0x8000  # arch/arm/Makefile textofs-y, the value these variants are configured to keep

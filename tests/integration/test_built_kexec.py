@@ -9,8 +9,9 @@ import json
 import pytest
 
 from testbench.errors import UserError
-from testbench.images import built_dir, kexec_path, sha256_file
-from testbench.inputs import check_kexec
+from testbench.fileio import sha256_file
+from testbench.inputs.checks import check_kexec
+from testbench.inputs.images import built_dir, kexec_path
 
 BUILT = "built:debian-src"
 CASES = {"default": (), "roomy": ("--image-size=0x2000000",), "file-load-only": ("-s",)}
@@ -50,7 +51,7 @@ def test_the_build_is_a_static_arm_binary_described_by_its_meta(built_kexec):
 @pytest.mark.parametrize("case", CASES)
 def test_built_and_debian_kexec_agree(built_kexec, run_kexec_case, images, tmp_path, case):
     from testbench.case import CaseRequest, prepare_case, run_case
-    from testbench.machines import get_machine
+    from testbench.emulator.machines import get_machine
 
     args = CASES[case]
     m = get_machine("virt")

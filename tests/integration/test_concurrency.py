@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 from cache_mirror import manifest_file, mirror_cache
 
-from testbench import fetch as fetch_module
 from testbench.errors import BenchError, UserError
-from testbench.fetch import fetch_images
-from testbench.images import Images, _write_json_atomic, load_images, sha256_file
-from testbench.lock import read_lock
+from testbench.fileio import sha256_file
+from testbench.inputs import fetch as fetch_module
+from testbench.inputs.fetch import fetch_images
+from testbench.inputs.images import Images, _write_json_atomic, load_images
+from testbench.inputs.lock import read_lock
 
 ROOMY = "--kexec-args=--image-size=0x2000000"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from debian_kernel import package_facts
 
-from testbench.console import timeout_factor
+from testbench.emulator.console import timeout_factor
 from testbench.replay import ReplayRequest, replay, request_from_args
 
 TEXT_OFFSET = 0x208000

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cache_mirror import mirror_cache
 
-from testbench.images import Images
+from testbench.inputs.images import Images
 
 
 def _doctor(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:

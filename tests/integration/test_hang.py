@@ -22,9 +22,9 @@ import pytest
 from processes import qemu_pids
 
 from testbench.case import TIMEOUTS, watch_stage2
-from testbench.console import Console, ConsoleTimeout, timeout_factor
-from testbench.guest import Shell
-from testbench.images import Images
+from testbench.emulator.console import Console, ConsoleTimeout, timeout_factor
+from testbench.emulator.guest import Shell
+from testbench.inputs.images import Images
 
 # Beyond the silence window: the 1 s polling step of the stage-2 watch, QEMU shutdown, a loaded host.
 OVERHEAD = 20.0

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from testbench.images import Images
+from testbench.inputs.images import Images
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 SEED_B = CHECKOUT / "tests" / "unit" / "data" / "seed_b.txt"

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from testbench.initramfs import payload_bytes
+from testbench.inputs.initramfs import payload_bytes
 
 MACHINES = ["virt", "vexpress-a9", "vexpress-a15"]
 ROOMY = ("--image-size=0x2000000",)

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from cache_mirror import manifest_file, mirror_cache
 
-from testbench.images import Images, load_images
-from testbench.lock import LockedPackage, read_lock, render
+from testbench.inputs.images import Images, load_images
+from testbench.inputs.lock import LockedPackage, read_lock, render
 
 GONE_KERNEL = LockedPackage("linux-image-6.1.0-50-armmp", "6.1.176-1", "0" * 64, 43_000_000)
 

@@ -1,4 +1,4 @@
-"""Debian armmp kernels in the image cache, and what their packages say about them without testbench.zimage.
+"""Debian armmp kernels in the image cache, and what their packages say about them without testbench.inputs.zimage.
 
 The tests hold no number of one Debian build. For any armmp zImage in the cache they compare the reader
 with sources it never looks at: the compressed payload itself (inflated here with the standard library),
@@ -253,7 +253,7 @@ def bss_literal(image: bytes, kernel_start: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class PackageFacts:
-    """What the package says about its zImage, none of it read by testbench.zimage."""
+    """What the package says about its zImage, none of it read by testbench.inputs.zimage."""
 
     file_size: int
     size: int  # Z = end - start, header words 0x28/0x2c (DOMAIN 1.1)

@@ -1,4 +1,4 @@
-"""testbench.zimage on the zImages scripts/build-kernel makes, checked against the build's own records.
+"""testbench.inputs.zimage on the zImages scripts/build-kernel makes, checked against the build's own records.
 
 The expected values never come from testbench code: they come from the kernel build itself, read with
 the cross binutils (`arm-linux-gnueabihf-nm`/`readelf` on vmlinux and the decompressor ELF), from the
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from testbench.images import built_dir
-from testbench.zimage import read_zimage
+from testbench.inputs.images import built_dir
+from testbench.inputs.zimage import read_zimage
 
 FRAGMENTS = Path(__file__).resolve().parents[2] / "images" / "kernels"
 VARIANTS = sorted(p.stem for p in FRAGMENTS.glob("*.config") if p.stem != "base")

@@ -7,7 +7,7 @@ from io import BytesIO
 
 import pytest
 
-from testbench.cpio import CpioWriter, read_cpio
+from testbench.inputs.cpio import CpioWriter, read_cpio
 
 
 def _archive() -> bytes:

@@ -1,4 +1,4 @@
-"""testbench.dtb against dtc and fdtget (device-tree-compiler), a second implementation: a tree written
+"""testbench.inputs.dtb against dtc and fdtget (device-tree-compiler), a second implementation: a tree written
 here must read back there, and what dtc wrote must read here."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from testbench import dtb
+from testbench.inputs import dtb
 
 pytestmark = pytest.mark.skipif(shutil.which("dtc") is None or shutil.which("fdtget") is None,
                                 reason="needs dtc and fdtget (apt-get install device-tree-compiler)")

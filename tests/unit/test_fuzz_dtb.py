@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from testbench.errors import UserError
-from testbench.inputs import FDT_MAGIC, check_dtb
+from testbench.inputs.checks import FDT_MAGIC, check_dtb
 
 DTS = """/dts-v1/;
 / {

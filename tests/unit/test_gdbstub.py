@@ -3,7 +3,7 @@ with expected bytes written out by hand, not produced by the code under test."""
 
 import pytest
 
-from testbench.gdbstub import GdbError, decode_rle, escape, frame, le_words, parse_packet, unescape
+from testbench.emulator.gdbstub import GdbError, decode_rle, escape, frame, le_words, parse_packet, unescape
 
 
 def test_frame_checksum_is_the_byte_sum_mod_256_in_lower_case_hex():

@@ -1,6 +1,6 @@
 """The zImage reader against what each cached Debian kernel package says about itself, for any build.
 
-Expected values come from sources testbench.zimage never reads (debian_kernel.py explains each): the
+Expected values come from sources testbench.inputs.zimage never reads (debian_kernel.py explains each): the
 compressed payload decoded with the standard library (where it ends is where size_ptr must point, its
 length is the inflated size), the Image's own __bss_start/__bss_stop literal, the package's config
 (TEXT_OFFSET by arch/arm/Makefile's rules, EFI stub, Thumb-2, endianness) and, when the -dbg package's
@@ -29,7 +29,7 @@ from debian_kernel import (
     text_offset_from_config,
 )
 
-from testbench.zimage import read_zimage
+from testbench.inputs.zimage import read_zimage
 
 VIRT_RAM = 0x40000000
 MiB = 1 << 20

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from testbench.kexeclog import KexecLogError, Placed, parse_kexec_log, parse_kexec_logs
+from testbench.inputs.kexeclog import KexecLogError, Placed, parse_kexec_log, parse_kexec_logs
 
 
 def test_seed_a_corentin_2_0_18(seed_text):

@@ -10,7 +10,8 @@ from dataclasses import replace
 import pytest
 from zimage_builder import build_zimage
 
-from testbench.kexeclog import parse_kexec_log
+from testbench.inputs.kexeclog import parse_kexec_log
+from testbench.inputs.zimage import parse_zimage
 from testbench.observe.evidence import KEEP_WHOLE, PATTERN, diff_ranges, keep_evidence, load_fidelity, segment_changes
 from testbench.observe.plan import Plan, SegmentSpec, free_window, make_plan
 from testbench.observe.postmortem import (
@@ -27,7 +28,6 @@ from testbench.observe.postmortem import (
     string_before,
 )
 from testbench.oracle import Prediction, Region
-from testbench.zimage import parse_zimage
 
 
 def _changed(size: int, offsets: list[int], seed: int = 7) -> tuple[bytes, bytes]:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from testbench.console import timeout_factor
-from testbench.gdbstub import frame, parse_packet
+from testbench.emulator.console import timeout_factor
+from testbench.emulator.gdbstub import frame, parse_packet
 from testbench.observe import observer as observer_module
 from testbench.observe.observation import Clobber
 from testbench.observe.observer import Observer

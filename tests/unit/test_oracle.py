@@ -15,11 +15,11 @@ import pytest
 from debian_kernel import KernelTree, align_up, facts_for, kexec_2_0_17_layout, package_facts
 
 from testbench.errors import UserError
-from testbench.kexeclog import parse_kexec_log
+from testbench.inputs.kexeclog import parse_kexec_log
+from testbench.inputs.zimage import parse_zimage, read_zimage
 from testbench.oracle import AdviceError, advise, analyze, locate_hole, place, predict, version_family
 from testbench.oracle.collide import find_collisions
 from testbench.report.svg import memory_map_svg
-from testbench.zimage import parse_zimage, read_zimage
 
 VIRT_1G = [(0x40000000, 0x80000000)]
 MiB = 1 << 20

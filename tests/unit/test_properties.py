@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from zimage_builder import DATA, build_zimage
 
-from testbench.kexeclog import KexecLogError, parse_kexec_log
+from testbench.inputs.kexeclog import KexecLogError, parse_kexec_log
+from testbench.inputs.zimage import ZImageError, parse_zimage
 from testbench.oracle import AdviceError, advise, predict
-from testbench.zimage import ZImageError, parse_zimage
 
 MiB = 1 << 20
 

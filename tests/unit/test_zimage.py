@@ -9,7 +9,7 @@ import pytest
 from debian_kernel import facts_for
 
 from testbench.errors import UserError
-from testbench.zimage import ZImageError, parse_zimage, read_zimage
+from testbench.inputs.zimage import ZImageError, parse_zimage, read_zimage
 
 # ZImage fields pinned per build in kernel_facts.toml (measured with od there, not with this reader).
 EXACT_FIELDS = ("size", "table_offset", "tag_words", "size_ptr", "inflated_size", "kernel_bss", "text_offset",

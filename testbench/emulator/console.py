@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, overload
 
-from .deadlines import factor as timeout_factor
-from .errors import BenchError
+from ..deadlines import factor as timeout_factor
+from ..errors import BenchError
 
 TAIL_LINES = 50
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from ..deadlines import budget
+from ..errors import BenchError, UserError
 from .console import Console
-from .deadlines import budget
-from .errors import BenchError, UserError
 from .machines import Machine
 
 QEMU_BINARY = "qemu-system-arm"

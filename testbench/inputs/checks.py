@@ -12,9 +12,10 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from ..errors import UserError
+from ..fileio import sha256_file
 from . import dtb
-from .errors import UserError
-from .images import Images, sha256_file
+from .images import Images
 
 FDT_MAGIC = b"\xd0\x0d\xfe\xed"
 

@@ -14,8 +14,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import BenchError, UserError
+from ..fileio import sha256_file
 from .apt import ARCH, PrivateApt, dependency_names
-from .errors import BenchError, UserError
 from .images import (
     DEFAULT_SUITE,
     DRIFT_ENV,
@@ -31,7 +32,6 @@ from .images import (
     load_images,
     manifest_path,
     offline,
-    sha256_file,
 )
 from .lock import LockedPackage, SuiteLock, lock_path, read_lock, write_suite
 

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .deadlines import budget
-from .errors import BenchError
+from ..deadlines import budget
+from ..errors import BenchError
 
 ACK = b"+"
 INTERRUPT = b"\x03"

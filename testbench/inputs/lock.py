@@ -13,8 +13,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .datafiles import data_path
-from .errors import UserError
+from ..datafiles import data_path
+from ..errors import UserError
+from ..fileio import write_atomic
 
 LOCK_ENV = "TESTBENCH_LOCK"
 HEADER = """\
@@ -105,8 +106,6 @@ def render(default_suite: str, suites: tuple[SuiteLock, ...]) -> str:
 
 def write_suite(entry: SuiteLock, path: Path | None = None) -> Path:
     """Replace (or add) one suite's table, keeping the others and the default suite."""
-    from .images import write_atomic
-
     path = path or lock_path()
     if path.exists():
         old = read_lock(path)

@@ -11,17 +11,16 @@ fetching is refused too.
 """
 
 import fcntl
-import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BenchError, UserError
+from ..errors import BenchError, UserError
+from ..fileio import write_atomic
 from .lock import read_lock
 
 DEFAULT_SUITE = "bookworm"
@@ -124,14 +123,6 @@ class Images:
                                                                                      "kexec-tools")]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @contextmanager
 def _cache_lock(root: Path) -> Iterator[None]:
     """One fetcher at a time per cache; readers only look at the manifest, which is written atomically."""
@@ -139,18 +130,6 @@ def _cache_lock(root: Path) -> Iterator[None]:
     with (root / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file beside `path` and rename: a concurrent reader sees the old file or the whole
-    new one, never half of it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

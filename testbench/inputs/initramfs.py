@@ -15,10 +15,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..datafiles import data_path
+from ..errors import BenchError
+from ..fileio import write_atomic
 from .cpio import CpioWriter
-from .datafiles import data_path
-from .errors import BenchError
-from .images import Images, write_atomic
+from .images import Images
 
 RECIPES = data_path()
 PAYLOAD_NAME = "payload.bin"

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
-from .errors import UserError
+from ..errors import UserError
 
 ZIMAGE_MAGIC = 0x016F2818
 MAGIC2 = 0x45454545

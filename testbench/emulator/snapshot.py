@@ -20,9 +20,10 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .deadlines import budget
-from .errors import BenchError
-from .images import cache_dir, sha256_file
+from ..deadlines import budget
+from ..errors import BenchError
+from ..fileio import sha256_file
+from ..inputs.images import cache_dir
 from .qemu import QemuProcess, QemuSpec, qemu_args
 
 FORMAT = 1  # bump when what the stage-1 shell has done before the save changes

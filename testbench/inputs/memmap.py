@@ -12,12 +12,12 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .datafiles import data_path
+from ..datafiles import data_path
+from ..emulator.machines import Machine
+from ..errors import BenchError, UserError
+from ..fileio import write_atomic
+from ..sizes import format_size, parse_size
 from .dtb import DtbError, Editor
-from .errors import BenchError, UserError
-from .images import write_atomic
-from .machines import Machine
-from .sizes import format_size, parse_size
 
 MEMMAPS = data_path("memmaps.toml")
 PLAIN = "plain"

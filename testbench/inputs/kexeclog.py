@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class KexecLogError(UserError):

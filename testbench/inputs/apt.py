@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BenchError, UserError
+from ..errors import BenchError, UserError
 
 ARCH = "armhf"
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
