@@ -32,8 +32,16 @@ from .report.artifacts import write_case_artifacts
 from .verdict import OracleComparison, Stage2, Verdict, judge_stage2
 
 # What callers import from here: the request, the preparation and the run, and the stage-2 watch.
-__all__ = ["TIMEOUTS", "CaseRequest", "CaseResult", "PreparedCase", "guest_commands", "prepare_case", "run_case",
-           "watch_stage2"]
+__all__ = [
+    "TIMEOUTS",
+    "CaseRequest",
+    "CaseResult",
+    "PreparedCase",
+    "guest_commands",
+    "prepare_case",
+    "run_case",
+    "watch_stage2",
+]
 
 TAIL_IN_REASONS = 15  # console lines quoted in a hang's reasons (console.log has them all)
 # Per-phase deadlines in seconds, before TESTBENCH_TIMEOUT_FACTOR. Measured on 2 TCG cores: stage 1 boots
@@ -46,6 +54,7 @@ LAYOUT_ONLY = "layout only (--until kernel-entry): judged at the kernel entry, s
 @dataclass(frozen=True)
 class Stage1Origin:
     """How stage 1 came up: "boot", "boot, saved" or "snapshot" (restored), and the profile's snapshot key."""
+
     source: str
     snapshot: str | None
 
@@ -100,11 +109,15 @@ class CaseResult:
 
     def to_dict(self) -> dict:
         m = self.request.machine
-        truth = {} if self.observation is None else {
-            "observed": self.observed,
-            "oracle_agrees": self.agreement.agrees if self.agreement else None,
-            "oracle_difference": list(self.agreement.differences) if self.agreement else None,
-        }
+        truth = (
+            {}
+            if self.observation is None
+            else {
+                "observed": self.observed,
+                "oracle_agrees": self.agreement.agrees if self.agreement else None,
+                "oracle_difference": list(self.agreement.differences) if self.agreement else None,
+            }
+        )
         return {
             **self.verdict.to_dict(),
             "machine": m.name,
@@ -113,8 +126,10 @@ class CaseResult:
             "load": self.load,
             "predicted": self.predicted,
             "stage2": self.stage2,
-            "inputs": {**({"debian": self.image_set} if self.image_set else {}),
-                       **{role: i.to_dict() for role, i in self.inputs.items()}},
+            "inputs": {
+                **({"debian": self.image_set} if self.image_set else {}),
+                **{role: i.to_dict() for role, i in self.inputs.items()},
+            },
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "kexec_rc": self.kexec_rc,
             "loader_version": self.loader_version,
@@ -144,6 +159,7 @@ def run_case(case: PreparedCase, say: Callable[[str], None] = lambda s: None) ->
 @dataclass
 class _Run:
     """What one run has gathered so far: a failure at any step still reports everything before it."""
+
     stage1: Stage1Origin
     timings: dict[str, float] = field(default_factory=dict)
     phase: str = "boot1"
@@ -165,8 +181,13 @@ def _run_case(case: PreparedCase, say: Callable[[str], None], version: str, slot
     run = _Run(Stage1Origin("snapshot" if incoming else "boot", slot.key if slot else None))
     try:
         # --gdb opens the gdbstub for the user (and lifts every deadline); --observe uses it itself.
-        with QemuProcess(case.stage1, request.out, gdb=request.observing or request.gdb,
-                         debugger_attached=request.gdb, incoming=incoming) as qemu:
+        with QemuProcess(
+            case.stage1,
+            request.out,
+            gdb=request.observing or request.gdb,
+            debugger_attached=request.gdb,
+            incoming=incoming,
+        ) as qemu:
             if request.gdb:
                 say(f"gdbstub for you: gdb-multiarch -ex 'target remote {qemu.sockets.gdb}' (no deadlines)")
             assert qemu.console is not None
@@ -191,18 +212,33 @@ def _run_case(case: PreparedCase, say: Callable[[str], None], version: str, slot
     timings = run.timings
     # stop_* and observe lie inside stage2 (kexec -e to the end): not added twice
     timings["total"] = sum(v for k, v in timings.items() if k in ("boot1", "setup", "load", "stage2"))
-    result = CaseResult(request=request, verdict=run.verdict, timings=timings, inputs=case.inputs,
-                        kexec_log=run.log, stage2_report=run.stage2, kexec_rc=run.kexec_rc, qemu_version=version,
-                        prediction=run.prediction, loader_version=run.loader_version, observation=run.observation,
-                        agreement=run.agreement, stage1=run.stage1, image_set=case.image_set)
-    title = f"{request.machine.name} {' '.join(request.kexec_args) or 'default placement'}: " \
-            f"{result.verdict.verdict} ({result.verdict.phase})"
+    result = CaseResult(
+        request=request,
+        verdict=run.verdict,
+        timings=timings,
+        inputs=case.inputs,
+        kexec_log=run.log,
+        stage2_report=run.stage2,
+        kexec_rc=run.kexec_rc,
+        qemu_version=version,
+        prediction=run.prediction,
+        loader_version=run.loader_version,
+        observation=run.observation,
+        agreement=run.agreement,
+        stage1=run.stage1,
+        image_set=case.image_set,
+    )
+    title = (
+        f"{request.machine.name} {' '.join(request.kexec_args) or 'default placement'}: "
+        f"{result.verdict.verdict} ({result.verdict.phase})"
+    )
     write_case_artifacts(request.out, case.share, case.stage1, result.to_dict(), commands, title)
     return result
 
 
-def _stage1(qemu: QemuProcess, shell: Shell, slot: Slot | None, restoring: bool, run: _Run,
-            say: Callable[[str], None]) -> None:
+def _stage1(
+    qemu: QemuProcess, shell: Shell, slot: Slot | None, restoring: bool, run: _Run, say: Callable[[str], None]
+) -> None:
     """Stage 1 at its shell prompt: restored from the profile's snapshot, or booted (and saved, when this
     process claimed the profile's snapshot)."""
     t0 = time.monotonic()
@@ -254,8 +290,9 @@ def _load(case: PreparedCase, shell: Shell, command: str, run: _Run, say: Callab
     return True
 
 
-def _exec(case: PreparedCase, qemu: QemuProcess, shell: Shell, command: str, run: _Run,
-          say: Callable[[str], None]) -> None:
+def _exec(
+    case: PreparedCase, qemu: QemuProcess, shell: Shell, command: str, run: _Run, say: Callable[[str], None]
+) -> None:
     """kexec -e, the observer's stops (with --observe) and the end of the run."""
     request = case.request
     observer = _observer(case, qemu, run.log, run.prediction) if request.observing else None
@@ -285,8 +322,17 @@ def _exec(case: PreparedCase, qemu: QemuProcess, shell: Shell, command: str, run
             verdict = replace(verdict, reasons=verdict.reasons + _oracle_reasons(prediction))
         return verdict
 
-    end = finish_run(qemu, observer, observation, prediction, judge_console, until=request.until, start=start,
-                     mib=_mib(case), resumed_at=resumed_at)
+    end = finish_run(
+        qemu,
+        observer,
+        observation,
+        prediction,
+        judge_console,
+        until=request.until,
+        start=start,
+        mib=_mib(case),
+        resumed_at=resumed_at,
+    )
     run.timings["stage2"] = time.monotonic() - t_exec
     run.verdict, run.observation, run.agreement, run.stage2 = end.verdict, end.observation, end.oracle, end.stage2
 
@@ -322,12 +368,18 @@ def _oracle_reasons(prediction: Prediction) -> tuple[str, ...]:
     return tuple(f"oracle: {c.a} x {c.b} [{c.start:#x}, {c.end:#x}) fatal" for c in fatal)
 
 
-def _observer(case: PreparedCase, qemu: QemuProcess, log: kexeclog.KexecLog | None,
-              prediction: Prediction | None) -> Observer:
+def _observer(
+    case: PreparedCase, qemu: QemuProcess, log: kexeclog.KexecLog | None, prediction: Prediction | None
+) -> Observer:
     if log is None or log.entry is None and log.kernel is None:
         raise BenchError("--observe: the kexec --debug output has no entry address to stop at")
     m = case.request.machine
-    plan = make_plan(log, case.zimage, (m.ram_base, m.ram_base + case.request.ram), prediction,
-                     {"kernel": case.share / "zImage", "initrd": case.share / "initrd.img"},
-                     case.request.stage2_cmdline)
+    plan = make_plan(
+        log,
+        case.zimage,
+        (m.ram_base, m.ram_base + case.request.ram),
+        prediction,
+        {"kernel": case.share / "zImage", "initrd": case.share / "initrd.img"},
+        case.request.stage2_cmdline,
+    )
     return Observer(qemu.sockets.gdb, qemu.pmemsave, plan, case.request.out / "observe")

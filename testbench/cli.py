@@ -14,17 +14,25 @@ from pathlib import Path
 from .errors import BenchError, UserError
 from .sizes import format_size, parse_size
 
-SUBCOMMAND_MODULES = ("oracle_cli", "replay", "doctor", "matrix")
-DEMO_PLACEMENTS: tuple[tuple[str, tuple[str, ...]], ...] = (("default", ()),
-                                                             ("image-size", ("--image-size=0x2000000",)))
+SUBCOMMAND_MODULES = ("oracle_cli", "replay_cli", "doctor", "matrix")
+DEMO_PLACEMENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("default", ()),
+    ("image-size", ("--image-size=0x2000000",)),
+)
 
 
 def _say(text: str) -> None:
     print(f"[testbench] {text}", file=sys.stderr, flush=True)
 
 
-def _run_one(args: argparse.Namespace, machine_name: str, ram: str | None, kexec_args: tuple[str, ...],
-             out: Path, quiet: bool = False):
+def _run_one(
+    args: argparse.Namespace,
+    machine_name: str,
+    ram: str | None,
+    kexec_args: tuple[str, ...],
+    out: Path,
+    quiet: bool = False,
+):
     from .case import CaseRequest, prepare_case, run_case
     from .emulator.machines import get_machine
     from .emulator.qemu import qemu_version
@@ -121,39 +129,62 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="boot stage 1, kexec -l / -e into stage 2, judge the result")
     run.add_argument("--machine", help="machine profile (no --machine: the demonstration over all machines)")
     run.add_argument("--ram", help="RAM size, e.g. 512M, 1G (default: the machine's default)")
-    run.add_argument("--kernel", default="debian",
-                     help="zImage to kexec into: 'debian', 'built:VARIANT' (scripts/build-kernel) or a path")
+    run.add_argument(
+        "--kernel",
+        default="debian",
+        help="zImage to kexec into: 'debian', 'built:VARIANT' (scripts/build-kernel) or a path",
+    )
     initrd = run.add_mutually_exclusive_group()
     initrd.add_argument("--initrd-size", default="1M", help="stage-2 payload size (default 1M)")
     initrd.add_argument("--initrd", help="use this initrd instead of the generated stage-2 one")
     run.add_argument("--seed", type=int, default=1, help="payload seed (default 1)")
     run.add_argument("--dtb", help="DTB for the second kernel (default: the one stage 1 booted with)")
-    run.add_argument("--kexec", default="debian",
-                     help="kexec binary: 'debian', 'built:NAME' (scripts/build-kexec) or a path to an ARM build")
+    run.add_argument(
+        "--kexec",
+        default="debian",
+        help="kexec binary: 'debian', 'built:NAME' (scripts/build-kexec) or a path to an ARM build",
+    )
     run.add_argument("--kexec-args", default="", help='extra kexec -l arguments, e.g. "--image-size=0x2000000"')
     run.add_argument("--out", help="artifact dir (default out/<machine>-<time>)")
     run.add_argument("--gdb", action="store_true", help="a debugger will attach: disable all deadlines")
-    run.add_argument("--observe", action="store_true",
-                     help="stop at zImage and kernel entry via the gdbstub, dump and diff every segment, and "
-                          "check the oracle against it (~4 s more)")
-    run.add_argument("--until", choices=("init", "kernel-entry"), default="init",
-                     help="kernel-entry: a layout verdict from the ground truth at the kernel entry, without "
-                          "booting stage 2 (implies --observe)")
-    run.add_argument("--memmap", default="plain",
-                     help="stage 1's RAM map from images/memmaps.toml, e.g. hole32M (default plain)")
-    run.add_argument("--no-snapshot", action="store_true",
-                     help="boot stage 1 instead of restoring its saved state (the state is keyed by QEMU, "
-                          "machine, RAM and the stage-1 files, and made by the first case of each profile)")
+    run.add_argument(
+        "--observe",
+        action="store_true",
+        help="stop at zImage and kernel entry via the gdbstub, dump and diff every segment, and "
+        "check the oracle against it (~4 s more)",
+    )
+    run.add_argument(
+        "--until",
+        choices=("init", "kernel-entry"),
+        default="init",
+        help="kernel-entry: a layout verdict from the ground truth at the kernel entry, without "
+        "booting stage 2 (implies --observe)",
+    )
+    run.add_argument(
+        "--memmap", default="plain", help="stage 1's RAM map from images/memmaps.toml, e.g. hole32M (default plain)"
+    )
+    run.add_argument(
+        "--no-snapshot",
+        action="store_true",
+        help="boot stage 1 instead of restoring its saved state (the state is keyed by QEMU, "
+        "machine, RAM and the stage-1 files, and made by the first case of each profile)",
+    )
     run.set_defaults(func=cmd_run)
 
     images = sub.add_parser("images", help="fetch, list or lock the Debian armhf inputs (images/lock.toml)")
-    images.add_argument("action", choices=("fetch", "list", "lock"),
-                        help="fetch: install the locked set into the cache; list: show it; lock: rewrite the "
-                             "suite's locked set from the archive as it is now")
+    images.add_argument(
+        "action",
+        choices=("fetch", "list", "lock"),
+        help="fetch: install the locked set into the cache; list: show it; lock: rewrite the "
+        "suite's locked set from the archive as it is now",
+    )
     images.add_argument("--suite", help="Debian suite, e.g. bookworm or trixie (default: the lock's default)")
-    images.add_argument("--allow-drift", action="store_true",
-                        help="fetch: when a locked version left the archive, take the current set and record "
-                             "the drift (same as TESTBENCH_ALLOW_DRIFT=1)")
+    images.add_argument(
+        "--allow-drift",
+        action="store_true",
+        help="fetch: when a locked version left the archive, take the current set and record "
+        "the drift (same as TESTBENCH_ALLOW_DRIFT=1)",
+    )
     images.set_defaults(func=cmd_images)
 
     # Each further stage adds its own subcommands through a module-level register(subparsers).

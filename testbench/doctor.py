@@ -29,8 +29,13 @@ LOW_DISK = 2 << 30
 QEMU_START_PROBE = 1.5
 SETUP = "scripts/setup"
 # module to import -> the distribution that provides it (pyproject's dependencies and the dev extra).
-PYTHON_DEPS = {"qemu.qmp": "qemu.qmp", "elftools": "pyelftools", "libfdt": "pylibfdt", "pytest": "pytest",
-               "xdist": "pytest-xdist"}
+PYTHON_DEPS = {
+    "qemu.qmp": "qemu.qmp",
+    "elftools": "pyelftools",
+    "libfdt": "pylibfdt",
+    "pytest": "pytest",
+    "xdist": "pytest-xdist",
+}
 DEV_DEPS = {"hypothesis": "hypothesis"}
 # host tool -> Debian package: depmod runs once per fetched kernel, dpkg-deb unpacks and apt-get fetches the
 # images. (DTBs are read and edited in process, testbench/dtb.py; the tests use dtc/fdtget as a second opinion.)
@@ -76,8 +81,11 @@ def check_qemu() -> Iterator[Finding]:
     wanted = {m.qemu_machine for m in all_machines().values()}
     missing = sorted(wanted - listed)
     if missing:
-        yield Finding("fail", f"{QEMU_BINARY} lacks the machines {', '.join(missing)}",
-                      f"apt-get install --reinstall {QEMU_BINARY} (Debian's build has every ARM board)")
+        yield Finding(
+            "fail",
+            f"{QEMU_BINARY} lacks the machines {', '.join(missing)}",
+            f"apt-get install --reinstall {QEMU_BINARY} (Debian's build has every ARM board)",
+        )
     else:
         yield Finding("ok", f"QEMU machines present: {', '.join(sorted(wanted))}")
 
@@ -88,8 +96,11 @@ def check_keyring() -> Iterator[Finding]:
     if KEYRING.is_file():
         yield Finding("ok", f"Debian archive keyring {KEYRING} (the private apt's only trust)")
     else:
-        yield Finding("fail", f"{KEYRING} is missing: the guest images cannot be verified",
-                      "apt-get install debian-archive-keyring")
+        yield Finding(
+            "fail",
+            f"{KEYRING} is missing: the guest images cannot be verified",
+            "apt-get install debian-archive-keyring",
+        )
 
 
 def check_cache() -> Iterator[Finding]:
@@ -119,8 +130,11 @@ def check_cache() -> Iterator[Finding]:
         yield Finding("fail", f"image cache {root}: the {locked.suite} set was fetched from another lock", fetch)
         return
     for drift in manifest.get("drift", ()):
-        yield Finding("warn", f"image cache: {drift['name']} drifted from the lock ({drift['locked']} locked, "
-                      f"{drift['now']} fetched)", f"testbench images lock --suite {locked.suite}")
+        yield Finding(
+            "warn",
+            f"image cache: {drift['name']} drifted from the lock ({drift['locked']} locked, {drift['now']} fetched)",
+            f"testbench images lock --suite {locked.suite}",
+        )
     problems = 0
     for name, sha, deb, tree in packages:
         if not (root / "tree" / tree).is_dir():
@@ -132,21 +146,28 @@ def check_cache() -> Iterator[Finding]:
             yield Finding("fail", f"image cache: {deb} is missing", fetch)
         elif sha256_file(deb_path) != sha:
             problems += 1
-            yield Finding("fail", f"image cache: {deb} does not match its sha256 in the manifest",
-                          f"rm {deb_path} && {fetch}")
+            yield Finding(
+                "fail", f"image cache: {deb} does not match its sha256 in the manifest", f"rm {deb_path} && {fetch}"
+            )
     leftovers = sorted((root / "tree").glob(".unpack-*")) if (root / "tree").is_dir() else []
     if leftovers:
         # Never used (trees appear only by an atomic rename), but they waste space.
-        yield Finding("warn", f"image cache: {len(leftovers)} leftover partial unpack dir(s) from an interrupted "
-                      "fetch", f"rm -rf {root}/tree/.unpack-*")
+        yield Finding(
+            "warn",
+            f"image cache: {len(leftovers)} leftover partial unpack dir(s) from an interrupted fetch",
+            f"rm -rf {root}/tree/.unpack-*",
+        )
     if not problems:
         names = {p[0] for p in packages}
         wanted = {kernel, "busybox-static", "kexec-tools"}
         if not wanted <= names:
             yield Finding("fail", f"image cache: manifest lacks {', '.join(sorted(wanted - names))}", fetch)
         else:
-            yield Finding("ok", f"image cache {root}: {locked.suite}, {len(packages)} armhf packages as locked, "
-                          "every .deb matches its sha256")
+            yield Finding(
+                "ok",
+                f"image cache {root}: {locked.suite}, {len(packages)} armhf packages as locked, "
+                "every .deb matches its sha256",
+            )
 
 
 def check_case_files() -> Iterator[Finding]:
@@ -168,26 +189,48 @@ def check_case_files() -> Iterator[Finding]:
         files = [*common, *([board_dtb] if board_dtb else [])]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            yield Finding("fail", f"{machine.name}: a case would open missing files: {', '.join(missing)}",
-                          f"testbench images fetch --suite {images.suite}")
+            yield Finding(
+                "fail",
+                f"{machine.name}: a case would open missing files: {', '.join(missing)}",
+                f"testbench images fetch --suite {images.suite}",
+            )
             continue
         with tempfile.TemporaryDirectory(prefix="tb-doctor-") as share:
-            spec = QemuSpec(machine=machine, ram=machine.default_ram, kernel=None, initrd=None, append="",
-                            dtb=None, share=Path(share))
+            spec = QemuSpec(
+                machine=machine,
+                ram=machine.default_ram,
+                kernel=None,
+                initrd=None,
+                append="",
+                dtb=None,
+                share=Path(share),
+            )
             args = [binary, *qemu_args(spec, None)[1:], "-S"]
             problem = _starts(args, dict(machine.env))
         if problem:
-            yield Finding("fail", f"{machine.name}: QEMU does not start with the bench's devices: {problem}",
-                          f"apt-get install --reinstall {binary.rsplit('/', 1)[-1]}")
+            yield Finding(
+                "fail",
+                f"{machine.name}: QEMU does not start with the bench's devices: {problem}",
+                f"apt-get install --reinstall {binary.rsplit('/', 1)[-1]}",
+            )
         else:
-            yield Finding("ok", f"{machine.name}: {len(files)} input files present; the board starts with "
-                          "-nodefaults and the bench's devices")
+            yield Finding(
+                "ok",
+                f"{machine.name}: {len(files)} input files present; the board starts with "
+                "-nodefaults and the bench's devices",
+            )
 
 
 def _starts(args: list[str], env: dict[str, str]) -> str | None:
     """None when QEMU is still up after a moment (paused with -S, nothing runs), else its last stderr line."""
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, **env}, start_new_session=True)
+    proc = subprocess.Popen(
+        args,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **env},
+        start_new_session=True,
+    )
     try:
         _, err = proc.communicate(timeout=QEMU_START_PROBE)
     except subprocess.TimeoutExpired:
@@ -211,8 +254,11 @@ def check_disk(out: Path) -> Iterator[Finding]:
     for label, path, elsewhere in (("image cache", cache_dir(), "TESTBENCH_CACHE"), ("output dir", out, "--out")):
         free = _free(path)
         if free < LOW_DISK:
-            yield Finding("warn", f"{label} {path}: only {free / (1 << 30):.1f} GiB free (want 2 GiB)",
-                          f"free space there, or point {elsewhere} at a bigger filesystem")
+            yield Finding(
+                "warn",
+                f"{label} {path}: only {free / (1 << 30):.1f} GiB free (want 2 GiB)",
+                f"free space there, or point {elsewhere} at a bigger filesystem",
+            )
         else:
             yield Finding("ok", f"{label} {path}: {free / (1 << 30):.0f} GiB free")
 
@@ -227,8 +273,11 @@ def check_python() -> Iterator[Finding]:
                 missing.append(dist)
         if missing:
             extra = "[dev]" if deps is DEV_DEPS else ""
-            yield Finding(level, f"Python packages missing: {', '.join(missing)}",
-                          f".venv/bin/pip install -e '.{extra}' (or {SETUP})")
+            yield Finding(
+                level,
+                f"Python packages missing: {', '.join(missing)}",
+                f".venv/bin/pip install -e '.{extra}' (or {SETUP})",
+            )
         else:
             yield Finding("ok", f"Python packages importable: {', '.join(deps.values())}")
 
@@ -243,8 +292,15 @@ def check_tools() -> Iterator[Finding]:
 
 
 def diagnose(out: Path) -> list[Finding]:
-    checks: list[Callable[[], Iterator[Finding]]] = [check_qemu, check_keyring, check_cache, check_case_files,
-                                                      lambda: check_disk(out), check_python, check_tools]
+    checks: list[Callable[[], Iterator[Finding]]] = [
+        check_qemu,
+        check_keyring,
+        check_cache,
+        check_case_files,
+        lambda: check_disk(out),
+        check_python,
+        check_tools,
+    ]
     return [finding for check in checks for finding in check()]
 
 

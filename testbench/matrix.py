@@ -40,8 +40,13 @@ class Cell:
 
     @property
     def id(self) -> str:
-        parts = [self.machine, self.ram, Path(self.kernel).name.replace(":", "-"), f"initrd{self.initrd}",
-                 "imagesize" if self.placement == "advised" else self.placement.lstrip("-").replace("=", "")]
+        parts = [
+            self.machine,
+            self.ram,
+            Path(self.kernel).name.replace(":", "-"),
+            f"initrd{self.initrd}",
+            "imagesize" if self.placement == "advised" else self.placement.lstrip("-").replace("=", ""),
+        ]
         if self.kexec != "debian":
             parts.append(f"kexec-{Path(self.kexec).name.replace(':', '-')}")
         if self.memmap != "plain":
@@ -97,8 +102,13 @@ def kexec_args_for(cell: Cell) -> list[str]:
     machine = get_machine(cell.machine)
     kernel = kernel_path(cell.kernel)
     ram = get_memmap(cell.memmap).ram_ranges(machine.ram_base, parse_size(cell.ram))
-    advice = advise(read_zimage(kernel), ram, DEFAULT_VERSION, initrd_size=parse_size(cell.initrd) + STAGE2_BASE,
-                    dtb_size=machine.dtb_size)
+    advice = advise(
+        read_zimage(kernel),
+        ram,
+        DEFAULT_VERSION,
+        initrd_size=parse_size(cell.initrd) + STAGE2_BASE,
+        dtb_size=machine.dtb_size,
+    )
     return [f"--image-size={advice.image_size:#x}"] if advice.needed else []
 
 
@@ -117,9 +127,28 @@ class RunMode:
 
 
 def run_command(cell: Cell, out: Path, mode: RunMode = RunMode()) -> list[str]:
-    args = [sys.executable, "-m", "testbench.cli", "run", "--machine", cell.machine, "--ram", cell.ram,
-            "--initrd-size", cell.initrd, "--kernel", cell.kernel, "--kexec", cell.kexec, "--out", str(out),
-            "--until", mode.until, "--memmap", cell.memmap]
+    args = [
+        sys.executable,
+        "-m",
+        "testbench.cli",
+        "run",
+        "--machine",
+        cell.machine,
+        "--ram",
+        cell.ram,
+        "--initrd-size",
+        cell.initrd,
+        "--kernel",
+        cell.kernel,
+        "--kexec",
+        cell.kexec,
+        "--out",
+        str(out),
+        "--until",
+        mode.until,
+        "--memmap",
+        cell.memmap,
+    ]
     args += ["--observe"] if mode.observe else []
     args += ["--no-snapshot"] if not mode.snapshot else []
     extra = kexec_args_for(cell)
@@ -156,8 +185,11 @@ def run_cell(cell: Cell, out: Path, mode: RunMode = RunMode()) -> dict:
     if result_path.exists():
         result = json.loads(result_path.read_text())
     else:
-        result = {"verdict": "error", "phase": "boot1", "reasons": [done.stderr.strip()[-500:] or
-                                                                    f"runner exited {done.returncode}"]}
+        result = {
+            "verdict": "error",
+            "phase": "boot1",
+            "reasons": [done.stderr.strip()[-500:] or f"runner exited {done.returncode}"],
+        }
     result["cell"] = cell.to_dict()
     result["wall_seconds"] = round(time.monotonic() - started, 2)
     result["expected_ok"] = cell.expect is None or result["verdict"] == cell.expect
@@ -208,8 +240,13 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     wall = time.monotonic() - started
     verdicts = {v: sum(r["verdict"] == v for r in results) for v in ("pass", "fail", "error")}
     unexpected = [r["cell"]["id"] for r in results if not r["expected_ok"]]
-    summary = {"cells": len(results), "wall_seconds": round(wall, 1), "mode": mode.__dict__,
-               "verdicts": verdicts, "unexpected": unexpected}
+    summary = {
+        "cells": len(results),
+        "wall_seconds": round(wall, 1),
+        "mode": mode.__dict__,
+        "verdicts": verdicts,
+        "unexpected": unexpected,
+    }
     (out / "results.json").write_text(json.dumps({"summary": summary, "results": results}, indent=2) + "\n")
     write_matrix_report(out, results, summary)
     print(f"{len(results)} cells in {wall:.0f}s: {verdicts}; unexpected verdicts: {len(unexpected)}")
@@ -226,9 +263,15 @@ def register(subparsers) -> None:
     parser.add_argument("--out", help="report dir (default out/matrix-<time>)")
     for axis in ("machine", "ram", "initrd", "placement"):
         parser.add_argument(f"--{axis}", action="append", help=f"only these {axis} values (repeatable)")
-    parser.add_argument("--until", choices=("init", "kernel-entry"),
-                        help="kernel-entry: layout verdicts from the ground truth, no stage-2 boot (default init)")
-    parser.add_argument("--no-observe", action="store_true",
-                        help="judge from the console alone, without the gdbstub stops and segment diffs")
+    parser.add_argument(
+        "--until",
+        choices=("init", "kernel-entry"),
+        help="kernel-entry: layout verdicts from the ground truth, no stage-2 boot (default init)",
+    )
+    parser.add_argument(
+        "--no-observe",
+        action="store_true",
+        help="judge from the console alone, without the gdbstub stops and segment diffs",
+    )
     parser.add_argument("--no-snapshot", action="store_true", help="boot stage 1 in every cell")
     parser.set_defaults(func=cmd_matrix)

@@ -118,8 +118,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     else:
         fam = pred.details.get("kexec_family")
         head = [f"kexec log: {args.logfile} (format {log.format}, rules {fam})"]
-        names = (("zImage size", "zimage_size"), ("requires", "zimage_requires"), ("text+data", "text_data"),
-                 ("bss", "bss"), ("total", "total"), ("kernel space", "kernel_space"))
+        names = (
+            ("zImage size", "zimage_size"),
+            ("requires", "zimage_requires"),
+            ("text+data", "text_data"),
+            ("bss", "bss"),
+            ("total", "total"),
+            ("kernel space", "kernel_space"),
+        )
         seen = [(n, getattr(log, f)) for n, f in names]
         if any(v is not None for _, v in seen):
             head.append("kexec: " + ", ".join(f"{n} {v:#x}" for n, v in seen if v is not None))
@@ -160,14 +166,19 @@ def cmd_advise(args: argparse.Namespace) -> int:
     initrd = _int(args.initrd_size, "--initrd-size") or None
     a = advise(zi, ram, args.kexec_version, initrd, dtb or None, _int(args.text_offset, "--text-offset"))
     if args.json:
-        out = {"needed": a.needed, "image_size": a.image_size, "minimum": a.minimum,
-               "arithmetic": list(a.arithmetic), "default": a.default.to_dict(),
-               "advised": a.advised.to_dict(), "assumptions": notes}
+        out = {
+            "needed": a.needed,
+            "image_size": a.image_size,
+            "minimum": a.minimum,
+            "arithmetic": list(a.arithmetic),
+            "default": a.default.to_dict(),
+            "advised": a.advised.to_dict(),
+            "assumptions": notes,
+        }
         print(json.dumps(out, indent=2))
         return 0
     where = machine or f"RAM [{ram[0][0]:#x}, {ram[0][1]:#x})"
-    print(f"{args.kernel} on {where}, kexec-tools {args.kexec_version}, initrd {initrd or 0:#x}, "
-          f"DTB {dtb:#x}")
+    print(f"{args.kernel} on {where}, kexec-tools {args.kexec_version}, initrd {initrd or 0:#x}, DTB {dtb:#x}")
     for n in notes + list(a.default.assumptions):
         print(f"  assumption: {n}")
     print()
@@ -194,8 +205,9 @@ def register(subparsers) -> None:
     an.set_defaults(func=cmd_analyze)
 
     ad = subparsers.add_parser("advise", help="smallest kexec --image-size that keeps initrd and DTB intact")
-    ad.add_argument("--kernel", required=True,
-                    help="the zImage to load: a path, or 'debian' for the cached Debian kernel")
+    ad.add_argument(
+        "--kernel", required=True, help="the zImage to load: a path, or 'debian' for the cached Debian kernel"
+    )
     ad.add_argument("--machine", help="machine profile (RAM base and default size)")
     ad.add_argument("--ram-base", help="RAM base address (instead of, or overriding, --machine)")
     ad.add_argument("--ram-size", help="RAM size, e.g. 1G (default: the machine's default RAM)")

@@ -123,8 +123,10 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
         built = cached_stage2_initrd(images, request.initrd_size, request.seed)
         _link_or_copy(built.path, share / "initrd.img")
         payload_sha = built.payload_sha256
-        inputs["initrd"] = replace(describe("initrd", share / "initrd.img"),
-                                   version=f"stage2 payload {built.payload_size} bytes, seed {built.seed}")
+        inputs["initrd"] = replace(
+            describe("initrd", share / "initrd.img"),
+            version=f"stage2 payload {built.payload_size} bytes, seed {built.seed}",
+        )
     if dtb is not None:
         _link_or_copy(dtb, share / "board.dtb")
         inputs["dtb"] = describe("dtb", dtb)
@@ -144,19 +146,40 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
         board = board_dtb.read_bytes() if board_dtb else dump_qemu_dtb(qemu_binary(), m, request.ram)
         board_dtb = stage1_dtb(images.root, board, memmap, m.ram_base)
         inputs["stage1_dtb"] = replace(describe("stage1_dtb", board_dtb), version=f"memory map {memmap.name}")
-    stage1 = QemuSpec(machine=m, ram=request.ram, kernel=images.zimage, initrd=stage1_initrd,
-                      append=" ".join([f"console={m.console}", *m.stage1_cmdline]), dtb=board_dtb, share=share)
+    stage1 = QemuSpec(
+        machine=m,
+        ram=request.ram,
+        kernel=images.zimage,
+        initrd=stage1_initrd,
+        append=" ".join([f"console={m.console}", *m.stage1_cmdline]),
+        dtb=board_dtb,
+        share=share,
+    )
     inputs["stage1_kernel"] = describe("stage1_kernel", images.zimage, images.package(images.kernel_package).version)
     run_kexec = f"{GUEST_SHARE}/loader/kexec"
     if loader.dynamic:
         libdir = f"{GUEST_SHARE}/loader/lib"
         run_kexec = f"{libdir}/ld-linux-armhf.so.3 --library-path {libdir} {run_kexec}"
-    load_args = ["--debug", "-l", f"{GUEST_SHARE}/zImage", f"--initrd={GUEST_SHARE}/initrd.img",
-                 f"--dtb={GUEST_SHARE}/board.dtb", f"--command-line={request.stage2_cmdline}",
-                 *request.kexec_args]
-    return PreparedCase(request=request, share=share, stage1=stage1, zimage=zimage, loader=loader, inputs=inputs,
-                        image_set=images.provenance(),
-                        payload_sha256=payload_sha, kexec_command=f"{run_kexec} {shlex.join(load_args)}")
+    load_args = [
+        "--debug",
+        "-l",
+        f"{GUEST_SHARE}/zImage",
+        f"--initrd={GUEST_SHARE}/initrd.img",
+        f"--dtb={GUEST_SHARE}/board.dtb",
+        f"--command-line={request.stage2_cmdline}",
+        *request.kexec_args,
+    ]
+    return PreparedCase(
+        request=request,
+        share=share,
+        stage1=stage1,
+        zimage=zimage,
+        loader=loader,
+        inputs=inputs,
+        image_set=images.provenance(),
+        payload_sha256=payload_sha,
+        kexec_command=f"{run_kexec} {shlex.join(load_args)}",
+    )
 
 
 def _built_version(binary: Path) -> str | None:
@@ -186,5 +209,9 @@ def guest_commands(case: PreparedCase) -> list[str]:
     # repro.sh's stage-1 init has mounted the share already before it runs these as autorun.sh.
     mount = f"{{ mountpoint -q {GUEST_SHARE} || {mount}; }}"
     setup = " && ".join([mount, f"cat /proc/iomem > {GUEST_SHARE}/iomem.txt", *save_dtb])
-    return [setup, f"{run_kexec} --version",
-            f"{case.kexec_command} > {GUEST_SHARE}/kexec-debug.txt 2>&1", f"{run_kexec} -e"]
+    return [
+        setup,
+        f"{run_kexec} --version",
+        f"{case.kexec_command} > {GUEST_SHARE}/kexec-debug.txt 2>&1",
+        f"{run_kexec} -e",
+    ]

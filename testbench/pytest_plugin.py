@@ -15,9 +15,15 @@ import pytest
 from .datafiles import data_path
 from .matrix import Cell, RunMode, load_matrix, run_cell
 
-AXIS_OPTIONS = {"machine": "--tb-machine", "ram": "--tb-ram", "initrd": "--tb-initrd-size",
-                "placement": "--tb-placement", "kernel": "--tb-kernel", "kexec": "--tb-kexec",
-                "memmap": "--tb-memmap"}
+AXIS_OPTIONS = {
+    "machine": "--tb-machine",
+    "ram": "--tb-ram",
+    "initrd": "--tb-initrd-size",
+    "placement": "--tb-placement",
+    "kernel": "--tb-kernel",
+    "kexec": "--tb-kexec",
+    "memmap": "--tb-memmap",
+}
 CI_MATRIX = data_path("matrix-ci.toml")
 
 
@@ -27,12 +33,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--tb-out", help="keep every cell's artifacts under this dir (default: pytest's tmp dir)")
     for axis, option in AXIS_OPTIONS.items():
         group.addoption(option, action="append", help=f"only these {axis} values (repeatable)")
-    group.addoption("--tb-until", choices=("init", "kernel-entry"),
-                    help="kernel-entry: layout verdicts only, no stage-2 boot (default init)")
+    group.addoption(
+        "--tb-until",
+        choices=("init", "kernel-entry"),
+        help="kernel-entry: layout verdicts only, no stage-2 boot (default init)",
+    )
     group.addoption("--tb-no-observe", action="store_true", help="no gdbstub stops and segment diffs")
     group.addoption("--tb-no-snapshot", action="store_true", help="boot stage 1 in every cell")
-    group.addoption("--tb-kexec-args", action="append",
-                    help='a placement given as literal kexec arguments, e.g. "--image-size=0x2000000" (repeatable)')
+    group.addoption(
+        "--tb-kexec-args",
+        action="append",
+        help='a placement given as literal kexec arguments, e.g. "--image-size=0x2000000" (repeatable)',
+    )
 
 
 def _cells(config: pytest.Config) -> list[Cell]:
@@ -55,8 +67,9 @@ def tb_result(tb_cell: Cell, request: pytest.FixtureRequest, tmp_path: Path, rec
     out = Path(base) / tb_cell.id if base else tmp_path / tb_cell.id
     request.node.tb_artifacts = out
     config = request.config
-    mode = RunMode.from_flags(config.getoption("--tb-no-observe"), config.getoption("--tb-until"),
-                              config.getoption("--tb-no-snapshot"))
+    mode = RunMode.from_flags(
+        config.getoption("--tb-no-observe"), config.getoption("--tb-until"), config.getoption("--tb-no-snapshot")
+    )
     result = run_cell(tb_cell, out, mode)
     inputs = dict(result.get("inputs") or {})
     debian = inputs.pop("debian", None) or {}
@@ -65,8 +78,10 @@ def tb_result(tb_cell: Cell, request: pytest.FixtureRequest, tmp_path: Path, rec
     if debian.get("drift"):
         record_property("debian_drift", "; ".join(f"{d['name']} {d['locked']} -> {d['now']}" for d in debian["drift"]))
     for role, item in inputs.items():
-        record_property(f"input.{role}", f"{os.path.basename(item['path'])} {item.get('version') or ''} "
-                                         f"sha256:{item['sha256']}".replace("  ", " "))
+        record_property(
+            f"input.{role}",
+            f"{os.path.basename(item['path'])} {item.get('version') or ''} sha256:{item['sha256']}".replace("  ", " "),
+        )
     record_property("loader_version", result.get("loader_version"))
     record_property("qemu_version", result.get("qemu_version"))
     record_property("verdict", result["verdict"])

@@ -1,4 +1,5 @@
-"""`testbench replay`: check any placement of zImage, initrd and DTB in seconds, without a stage 1.
+"""`testbench replay`: check any placement of zImage, initrd and DTB in seconds, without a stage 1 (the
+command line is replay_cli.py).
 
 QEMU starts paused with no -kernel; the generic loader device puts each file at its address; the gdbstub
 sets the boot registers of the ARM Linux boot protocol (r0 = 0, r1 = ~0: no machine id, r2 = the DTB) and
@@ -16,31 +17,27 @@ could never match; kexec, too, hands over a DTB whose rng-seed the first kernel 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .emulator.machines import Machine, get_machine
+from .emulator.machines import Machine
 from .emulator.qemu import QemuProcess, QemuSpec, qemu_binary
 from .errors import UserError
 from .inputs import dtb
 from .inputs.initramfs import Stage2Initrd, build_stage2_initrd
-from .inputs.kexeclog import KexecLog, Placed, Segment, parse_kexec_log
+from .inputs.kexeclog import KexecLog, Placed, Segment
 from .inputs.memmap import dump_qemu_dtb
 from .inputs.zimage import read_zimage
-from .observe.observer import STOP_DEADLINES, Observer
+from .observe.observer import Observer
 from .observe.plan import make_plan
 from .observe.stage2 import finish_run
 from .oracle import analyze
 from .report.artifacts import write_json_atomic, write_replay_svg
-from .sizes import parse_size
 from .verdict import Verdict, judge_stage2, signature_reasons
 
 # ARM boot protocol (Documentation/arm/booting.rst): r0 = 0, r1 = machine type (~0: none, use the DTB),
@@ -49,24 +46,10 @@ R1_NO_MACHINE = 0xFFFFFFFF
 CPSR_SVC_MASKED = 0x1D3
 
 
-def _address(text: str, base: int, what: str) -> int:
-    """An absolute address, or `+OFFSET` relative to RAM base."""
-    try:
-        return base + parse_size(text[1:], what) if text.startswith("+") else int(text, 0)
-    except ValueError:
-        raise UserError(f"{what}: {text!r} is not an address (0x... or +offset from RAM base)") from None
-
-
-def _file(path: str, role: str) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{role} {path}: no such file")
-    return p
-
-
 @dataclass(frozen=True)
 class ReplayRequest:
     """One replay, its inputs checked (`request_from_args` makes it from the command line)."""
+
     machine: Machine
     ram: int
     out: Path
@@ -104,8 +87,6 @@ def _board_dtb(m: Machine, ram: int, out: Path) -> Path:
     return target
 
 
-
-
 def _patch_dtb(path: Path, initrd: tuple[int, int] | None, bootargs: str, ram: tuple[int, int] | None) -> None:
     """Write what a loader writes into /chosen, so the kernel finds the initrd and command line; with `ram`,
     make /memory say the RAM QEMU really has (a board DTB says what the board was sold with)."""
@@ -121,8 +102,7 @@ def _patch_dtb(path: Path, initrd: tuple[int, int] | None, bootargs: str, ram: t
             acells, scells = tree.cells("/", "#address-cells"), tree.cells("/", "#size-cells")
             nodes = [n for n in dtb.subnodes(data, "/") if n == "memory" or n.startswith("memory@")]
             if len(nodes) != 1 or acells not in (1, 2):
-                raise UserError(f"{path}: expected one /memory node and #address-cells 1 or 2, found {nodes}, "
-                                f"{acells}")
+                raise UserError(f"{path}: expected one /memory node and #address-cells 1 or 2, found {nodes}, {acells}")
             tree.set_cells(f"/{nodes[0]}", "reg", (ram[0], acells), (ram[1], scells))
         path.write_bytes(bytes(tree))
     except dtb.DtbError as err:
@@ -143,58 +123,6 @@ def stage2_initrd_of_size(images: Any, out: Path, size: int, seed: int) -> Stage
     with out.open("ab") as handle:
         handle.write(bytes(size - built.size))
     return replace(built, size=size)
-
-
-def _addresses(args: argparse.Namespace, m: Machine) -> tuple[int, int | None, int | None, int | None]:
-    """(kernel, initrd, dtb, the log's initrd size) as absolute addresses on `m`."""
-    if args.from_log:
-        text = _file(args.from_log, "--from-log")
-        log = parse_kexec_log(text.read_text(errors="replace"))
-        if not log.memory_ranges or log.kernel is None:
-            raise UserError(f"{args.from_log}: the log needs MEMORY RANGES and a 'Kernel:' line to replay")
-        base = log.memory_ranges[0][0]
-        return (log.kernel.address - base + m.ram_base,
-                log.initrd.address - base + m.ram_base if log.initrd else None,
-                log.dtb.address - base + m.ram_base if log.dtb else None,
-                log.initrd.size if log.initrd else None)
-    if args.kernel_at is None or args.dtb_at is None:
-        raise UserError("replay needs --kernel-at and --dtb-at (and --initrd-at with --initrd), or --from-log")
-    return (_address(args.kernel_at, m.ram_base, "--kernel-at"),
-            _address(args.initrd_at, m.ram_base, "--initrd-at") if args.initrd_at else None,
-            _address(args.dtb_at, m.ram_base, "--dtb-at"), None)
-
-
-def request_from_args(args: argparse.Namespace) -> ReplayRequest:
-    """The command line's bad input, each one line (UserError): machine, RAM, files, addresses, sizes."""
-    m = get_machine(args.machine)
-    ram = parse_size(args.ram, "--ram") if args.ram else m.default_ram
-    m.check_ram(ram)
-    out = Path(args.out or f"out/replay-{m.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    from .inputs.images import kernel_path
-
-    kernel = kernel_path(args.kernel) if args.kernel in (None, "debian") else _file(args.kernel, "kernel")
-    kernel_at, initrd_at, dtb_at, log_initrd_size = _addresses(args, m)
-    size = getattr(args, "initrd_size", None)
-    if args.initrd is not None and size:
-        raise UserError("--initrd and --initrd-size exclude each other")
-    initrd = _file(args.initrd, "initrd") if args.initrd is not None else None
-    if size is not None and args.initrd is None and initrd_at is None:
-        raise UserError("--initrd-size needs --initrd-at (or an 'Initrd:' line in --from-log)")
-    if initrd is not None and initrd_at is None:
-        raise UserError("--initrd needs --initrd-at (or an 'Initrd:' line in --from-log)")
-    dtb = _file(args.dtb, "dtb") if args.dtb else None
-    deadline = getattr(args, "decompress_deadline", None)
-    if deadline is not None and not deadline > 0:
-        raise UserError(f"--decompress-deadline {deadline}: give a positive number of seconds")
-    if dtb_at is None:  # --from-log without a DT line: there is nowhere to put the DTB
-        raise UserError(f"{args.from_log}: the log needs a DT line (the DTB's address) to replay")
-    return ReplayRequest(machine=m, ram=ram, out=out, kernel=kernel, kernel_at=kernel_at, dtb_at=dtb_at,
-                         initrd_at=initrd_at, initrd=initrd,
-                         initrd_size=parse_size(size, "--initrd-size") if size is not None and initrd is None
-                         else None,
-                         log_initrd_size=log_initrd_size, seed=getattr(args, "seed", 1), dtb=dtb,
-                         until=getattr(args, "until", None), decompress_deadline=deadline,
-                         halt_check=not getattr(args, "no_halt_check", False))
 
 
 def _check_layout(placed: dict[str, tuple[int, int]], ram: tuple[int, int]) -> None:
@@ -228,8 +156,7 @@ def _initrd(request: ReplayRequest) -> tuple[Path | None, Stage2Initrd | None]:
     return path, built
 
 
-def _judge_console(text: str, bootargs: str, built: Stage2Initrd | None, fdt_sha256: str,
-                   ended_by: str) -> Verdict:
+def _judge_console(text: str, bootargs: str, built: Stage2Initrd | None, fdt_sha256: str, ended_by: str) -> Verdict:
     """The stage-2 verdict of a replay. Stop 2 proved the kernel was entered, and a replay has no 'Bye!':
     a silent console is the kernel phase dying, not a handoff. Without a stage-2 watch (layout only, or a
     stop never came) the ground truth alone decides."""
@@ -274,13 +201,25 @@ def replay(request: ReplayRequest) -> dict:
         placed["initrd"] = initrd_span
     _check_layout(placed, ram_range)
     files = {"kernel": request.kernel, "dtb": dtb} | ({"initrd": initrd} if initrd is not None else {})
-    log = KexecLog(memory_ranges=(ram_range,), zimage_size=zimage.size, file_size=None, zimage_requires=None,
-                   tag_offset=None, tag_size=None, text_data=None, bss=None, total=None, kernel_space=None,
-                   kernel=Placed(*placed["kernel"]),
-                   initrd=Placed(*placed["initrd"]) if "initrd" in placed else None,
-                   dtb=Placed(*placed["dtb"]), entry=placed["kernel"][0],
-                   segments=tuple(Segment(i, None, n, a, n) for i, (a, n) in enumerate(placed.values())),
-                   decompressor_copy=None, format="replay")
+    log = KexecLog(
+        memory_ranges=(ram_range,),
+        zimage_size=zimage.size,
+        file_size=None,
+        zimage_requires=None,
+        tag_offset=None,
+        tag_size=None,
+        text_data=None,
+        bss=None,
+        total=None,
+        kernel_space=None,
+        kernel=Placed(*placed["kernel"]),
+        initrd=Placed(*placed["initrd"]) if "initrd" in placed else None,
+        dtb=Placed(*placed["dtb"]),
+        entry=placed["kernel"][0],
+        segments=tuple(Segment(i, None, n, a, n) for i, (a, n) in enumerate(placed.values())),
+        decompressor_copy=None,
+        format="replay",
+    )
     prediction = analyze(log, zimage=zimage)
     plan = make_plan(log, zimage, ram_range, prediction, files, bootargs)
     # Without -kernel, QEMU's virt puts its own DTB as a ROM blob at RAM base (machine data `dtb_rom`), and a
@@ -288,19 +227,34 @@ def replay(request: ReplayRequest) -> dict:
     # instead, after reset has copied the blob in, so ours win. Everything else uses the loader device.
     rom = (m.ram_base, m.ram_base + m.dtb_rom)
     by_gdb = {r: v for r, v in placed.items() if v[0] < rom[1] and v[0] + v[1] > rom[0]}
-    spec = QemuSpec(machine=m, ram=ram, kernel=None, initrd=None, append="", dtb=None, share=None,
-                    loaders=tuple((files[r], a) for r, (a, _n) in placed.items() if r not in by_gdb))
+    spec = QemuSpec(
+        machine=m,
+        ram=ram,
+        kernel=None,
+        initrd=None,
+        append="",
+        dtb=None,
+        share=None,
+        loaders=tuple((files[r], a) for r, (a, _n) in placed.items() if r not in by_gdb),
+    )
     deadlines = {"decompress": request.decompress_deadline} if request.decompress_deadline else None
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     with QemuProcess(spec, out, gdb=True) as qemu:
-        observer = Observer(qemu.sockets.gdb, qemu.pmemsave, plan, out / "observe", deadlines,
-                            spin_check=request.halt_check)
+        observer = Observer(
+            qemu.sockets.gdb, qemu.pmemsave, plan, out / "observe", deadlines, spin_check=request.halt_check
+        )
         try:
             first = observer.arm_at_entry(
-                {"r0": 0, "r1": R1_NO_MACHINE, "r2": placed["dtb"][0], "cpsr": CPSR_SVC_MASKED,
-                 "pc": placed["kernel"][0]},
-                {placed[r][0]: files[r].read_bytes() for r in by_gdb})
+                {
+                    "r0": 0,
+                    "r1": R1_NO_MACHINE,
+                    "r2": placed["dtb"][0],
+                    "cpsr": CPSR_SVC_MASKED,
+                    "pc": placed["kernel"][0],
+                },
+                {placed[r][0]: files[r].read_bytes() for r in by_gdb},
+            )
             observation = observer.observe(first.at, first)
         finally:
             observer.close()
@@ -311,73 +265,52 @@ def replay(request: ReplayRequest) -> dict:
         if observation.hang is not None:  # how long the bench waited before it halted the VM
             timings[f"{observation.hang.phase}_waited"] = observation.hang.waited
         mib = (initrd.stat().st_size >> 20) + 1 if initrd is not None else 1
-        end = finish_run(qemu, observer, observation, prediction,
-                         lambda text, ended_by: _judge_console(text, bootargs, built, fdt_sha256, ended_by),
-                         until=until, start=0, mib=mib, resumed_at=resumed)
+        end = finish_run(
+            qemu,
+            observer,
+            observation,
+            prediction,
+            lambda text, ended_by: _judge_console(text, bootargs, built, fdt_sha256, ended_by),
+            until=until,
+            start=0,
+            mib=mib,
+            resumed_at=resumed,
+        )
         if end.watched:
             timings["stage2"] = time.monotonic() - resumed
     timings["replay"] = time.monotonic() - t0
     verdict = end.verdict
     if not end.watched and verdict.verdict == "pass":
-        verdict = replace(verdict, reasons=("kernel entry reached with every payload segment intact; "
-                                            "the oracle agrees (--until kernel-entry: stage 2 not watched)",))
+        verdict = replace(
+            verdict,
+            reasons=(
+                "kernel entry reached with every payload segment intact; "
+                "the oracle agrees (--until kernel-entry: stage 2 not watched)",
+            ),
+        )
     assert end.observation is not None and end.oracle is not None
     oracle = end.oracle.to_dict()
-    result = {**verdict.to_dict(), "machine": m.name, "ram": {"base": m.ram_base, "size": ram},
-              "placement": {role: {"address": a, "size": n, "file": str(files[role])}
-                            for role, (a, n) in placed.items()},
-              "until": until, "text_offset": plan.text_offset, "observed": end.observation.to_dict(),
-              "predicted": prediction.to_dict(), "oracle_agrees": oracle["agrees"],
-              "oracle_difference": oracle["differences"], "oracle": oracle,
-              "stage2": end.stage2.to_dict() if end.stage2 is not None else None,
-              "expected": {"cmdline": bootargs, "fdt_sha256": fdt_sha256,
-                           "payload_sha256": built.payload_sha256 if built else None},
-              "inputs": _inputs(files),
-              "timings": {k: round(v, 3) for k, v in timings.items()}}
+    result = {
+        **verdict.to_dict(),
+        "machine": m.name,
+        "ram": {"base": m.ram_base, "size": ram},
+        "placement": {role: {"address": a, "size": n, "file": str(files[role])} for role, (a, n) in placed.items()},
+        "until": until,
+        "text_offset": plan.text_offset,
+        "observed": end.observation.to_dict(),
+        "predicted": prediction.to_dict(),
+        "oracle_agrees": oracle["agrees"],
+        "oracle_difference": oracle["differences"],
+        "oracle": oracle,
+        "stage2": end.stage2.to_dict() if end.stage2 is not None else None,
+        "expected": {
+            "cmdline": bootargs,
+            "fdt_sha256": fdt_sha256,
+            "payload_sha256": built.payload_sha256 if built else None,
+        },
+        "inputs": _inputs(files),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
     write_replay_svg(out, result)
     write_json_atomic(out / "result.json", result)
     return result
-
-
-def handler(args: argparse.Namespace) -> int:
-    result = replay(request_from_args(args))
-    print(f"{result['verdict']} ({result['phase']}) in {result['timings']['replay']:.1f}s on {result['machine']}")
-    for role, p in result["placement"].items():
-        print(f"  {role:6} [{p['address']:#x}, {p['address'] + p['size']:#x})")
-    for c in result["observed"]["clobbered"]:
-        print(f"  clobbered {c['label']}")
-    print(f"  oracle agrees: {result['oracle_agrees']}")
-    if result["stage2"]:
-        stage2 = result["stage2"]
-        print(f"  stage 2: payload sha256 {stage2['payload_sha256'][:16]}..., cmdline {stage2['cmdline']!r}")
-    for line in result["reasons"]:
-        print(f"  - {line}")
-    json.dump({"out": str(Path(result["observed"]["dumps"]).parent)}, sys.stdout)
-    print()
-    return {"pass": 0, "fail": 1}.get(result["verdict"], 2)
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("replay", help="replay a placement of zImage/initrd/DTB in QEMU (no stage 1) "
-                              "and diff every segment at zImage and kernel entry")
-    p.add_argument("--machine", required=True, help="machine profile")
-    p.add_argument("--ram", help="RAM size (default: the machine's default)")
-    p.add_argument("--kernel", default="debian", help="zImage: 'debian' or a path")
-    p.add_argument("--initrd", help="initrd file (default with --from-log: a stage-2 initrd of the log's size)")
-    p.add_argument("--initrd-size", help="generate a stage-2 initrd with a payload of this size (e.g. 1M)")
-    p.add_argument("--seed", type=int, default=1, help="payload seed of a generated initrd (default 1)")
-    p.add_argument("--dtb", help="DTB file (default: the machine's); /chosen gets bootargs and initrd")
-    p.add_argument("--kernel-at", help="zImage address: 0x... absolute or +offset from RAM base")
-    p.add_argument("--initrd-at", help="initrd address")
-    p.add_argument("--dtb-at", help="DTB address")
-    p.add_argument("--from-log", help="take the addresses from a kexec --debug log, relative to its RAM base")
-    p.add_argument("--until", choices=("init", "kernel-entry"),
-                   help="init: boot on to the stage-2 marker and check payload, DTB and cmdline (default with a "
-                        "generated initrd); kernel-entry: judge the layout at the kernel entry (default otherwise)")
-    p.add_argument("--decompress-deadline", type=float,
-                   help=f"seconds to wait for the kernel entry, before TESTBENCH_TIMEOUT_FACTOR "
-                        f"(default {STOP_DEADLINES['decompress']:.0f})")
-    p.add_argument("--no-halt-check", action="store_true",
-                   help="wait out the deadline even when the CPU is found halted in a branch-to-self")
-    p.add_argument("--out", help="artifact dir (default out/replay-<machine>-<time>)")
-    p.set_defaults(func=handler)

@@ -37,15 +37,23 @@ class Signature:
 
 # Failure signatures after kexec -e. Each names what was most likely damaged, for the reader of the report.
 SIGNATURES = (
-    Signature("kernel", r"Error: invalid dtb[^\n]*",
-              "DTB clobbered or not passed: the kernel says '{0}'"),
-    Signature("kernel", r"INITRD: (0x[0-9a-f]+\+0x[0-9a-f]+) overlaps in-use memory region",
-              "initrd overlaps the kernel ({1}): the kernel disabled the initrd"),
+    Signature("kernel", r"Error: invalid dtb[^\n]*", "DTB clobbered or not passed: the kernel says '{0}'"),
+    Signature(
+        "kernel",
+        r"INITRD: (0x[0-9a-f]+\+0x[0-9a-f]+) overlaps in-use memory region",
+        "initrd overlaps the kernel ({1}): the kernel disabled the initrd",
+    ),
     # "write error" is the rootfs running out of memory while unpacking: too little RAM, not a clobber.
-    Signature("kernel", r"Initramfs unpacking failed: write error",
-              "initramfs did not fit in RAM (Initramfs unpacking failed: write error): RAM too small for this initrd"),
-    Signature("kernel", r"Initramfs unpacking failed: (?!write error)([^\n]*)",
-              "initrd clobbered: Initramfs unpacking failed: {1}"),
+    Signature(
+        "kernel",
+        r"Initramfs unpacking failed: write error",
+        "initramfs did not fit in RAM (Initramfs unpacking failed: write error): RAM too small for this initrd",
+    ),
+    Signature(
+        "kernel",
+        r"Initramfs unpacking failed: (?!write error)([^\n]*)",
+        "initrd clobbered: Initramfs unpacking failed: {1}",
+    ),
     Signature("kernel", r"Unable to handle kernel [^\n]*", "kernel oops: {0}"),
     Signature("kernel", r"Kernel panic - not syncing: ([^\n]*)", "Kernel panic: {1}"),
     Signature("kernel", r"No working init found", "no init in the initrd: the initrd was lost or clobbered"),
@@ -61,8 +69,13 @@ class Stage2:
     payload_size: int | None
 
     def to_dict(self) -> dict:
-        return {"cmdline": self.cmdline, "iomem_ram": list(self.iomem_ram), "fdt_sha256": self.fdt_sha256,
-                "payload_sha256": self.payload_sha256, "payload_size": self.payload_size}
+        return {
+            "cmdline": self.cmdline,
+            "iomem_ram": list(self.iomem_ram),
+            "fdt_sha256": self.fdt_sha256,
+            "payload_sha256": self.payload_sha256,
+            "payload_size": self.payload_size,
+        }
 
 
 @dataclass(frozen=True)
@@ -83,9 +96,13 @@ def parse_stage2(text: str) -> Stage2 | None:
         data = json.loads(match.group(1))
     except json.JSONDecodeError:
         return None
-    return Stage2(cmdline=data.get("cmdline", ""), iomem_ram=tuple(data.get("iomem_ram", ())),
-                  fdt_sha256=data.get("fdt_sha256", ""), payload_sha256=data.get("payload_sha256", ""),
-                  payload_size=data.get("payload_size"))
+    return Stage2(
+        cmdline=data.get("cmdline", ""),
+        iomem_ram=tuple(data.get("iomem_ram", ())),
+        fdt_sha256=data.get("fdt_sha256", ""),
+        payload_sha256=data.get("payload_sha256", ""),
+        payload_size=data.get("payload_size"),
+    )
 
 
 def phase_reached(after_exec: str) -> str:
@@ -105,8 +122,13 @@ def signature_reasons(after_exec: str) -> list[str]:
     return reasons
 
 
-def judge_stage2(after_exec: str, expected_cmdline: str, expected_payload_sha256: str | None,
-                 ended_by: str, expected_fdt_sha256: str | None = None) -> Verdict:
+def judge_stage2(
+    after_exec: str,
+    expected_cmdline: str,
+    expected_payload_sha256: str | None,
+    ended_by: str,
+    expected_fdt_sha256: str | None = None,
+) -> Verdict:
     """Judge the console text that followed `kexec -e`.
 
     `ended_by` says why we stopped reading: "marker", "exit" (QEMU exited: panic=-1 with -no-reboot, or
@@ -121,19 +143,25 @@ def judge_stage2(after_exec: str, expected_cmdline: str, expected_payload_sha256
         if stage2.cmdline.strip() != expected_cmdline.strip():
             problems.append(f"command line differs: got {stage2.cmdline!r}, requested {expected_cmdline!r}")
         if expected_payload_sha256 is not None and stage2.payload_sha256 != expected_payload_sha256:
-            problems.append(f"initrd payload sha256 {stage2.payload_sha256 or 'missing'} != "
-                            f"host {expected_payload_sha256}: the payload the second kernel sees is not the one loaded")
+            problems.append(
+                f"initrd payload sha256 {stage2.payload_sha256 or 'missing'} != "
+                f"host {expected_payload_sha256}: the payload the second kernel sees is not the one loaded"
+            )
         if expected_fdt_sha256 is not None and stage2.fdt_sha256 != expected_fdt_sha256:
-            problems.append(f"DTB sha256 {stage2.fdt_sha256 or 'missing'} != {expected_fdt_sha256} of the DTB "
-                            "loaded: the DTB the second kernel sees is not the one handed over")
+            problems.append(
+                f"DTB sha256 {stage2.fdt_sha256 or 'missing'} != {expected_fdt_sha256} of the DTB "
+                "loaded: the DTB the second kernel sees is not the one handed over"
+            )
         if problems:
             return Verdict("fail", "init", tuple(problems + reasons))
         dtb = ", DTB" if expected_fdt_sha256 is not None else ""
         return Verdict("pass", "init", (f"stage-2 init reached; initrd payload{dtb} and command line intact",))
     if not reasons:
         if phase == "handoff" and "Bye!" in after_exec:
-            reasons.append("silence after Bye!: the new kernel never printed; the decompressor or the early "
-                           "kernel hung (typically a clobbered DTB or decompressor)")
+            reasons.append(
+                "silence after Bye!: the new kernel never printed; the decompressor or the early "
+                "kernel hung (typically a clobbered DTB or decompressor)"
+            )
         elif phase == "handoff":
             reasons.append("kexec -e did not reach Bye!: the first kernel did not hand over")
         else:
@@ -153,13 +181,13 @@ PAYLOADS = ("initrd", "dtb")
 class FootprintCheck:
     """Measured highest write vs the oracle's footprint end; the gap is the stack and malloc arena the
     decoder never touched (the oracle counts all of both, which is the safe side)."""
+
     measured_end: int | None
     predicted_end: int | None
     unused_top: int | None
 
     def to_dict(self) -> dict:
-        return {"measured_end": self.measured_end, "predicted_end": self.predicted_end,
-                "unused_top": self.unused_top}
+        return {"measured_end": self.measured_end, "predicted_end": self.predicted_end, "unused_top": self.unused_top}
 
 
 @dataclass(frozen=True)
@@ -170,8 +198,11 @@ class OracleComparison:
     footprint: FootprintCheck | None = None  # None when there was no prediction to compare
 
     def to_dict(self) -> dict:
-        d: dict = {"agrees": self.agrees, "differences": list(self.differences),
-                   "start_tolerance": self.start_tolerance}
+        d: dict = {
+            "agrees": self.agrees,
+            "differences": list(self.differences),
+            "start_tolerance": self.start_tolerance,
+        }
         if self.footprint is not None:
             d["footprint"] = self.footprint.to_dict()
         return d
@@ -194,12 +225,15 @@ def compare_oracle(observed: Observation, predicted: Prediction | None) -> Oracl
         cols = [c for c in predicted.collisions if c.b == role]
         fatal = [c for c in cols if c.severity == "fatal"]
         if fatal and not got:
-            diffs.append(f"{role}: oracle predicts {fatal[0].a} x {role} [{fatal[0].start:#x}, "
-                         f"{fatal[0].end:#x}) fatal, the emulator saw it intact")
+            diffs.append(
+                f"{role}: oracle predicts {fatal[0].a} x {role} [{fatal[0].start:#x}, "
+                f"{fatal[0].end:#x}) fatal, the emulator saw it intact"
+            )
             continue
         if got and not cols:
-            diffs.append(f"{role}: emulator saw [{got[0][0]:#x}, {got[-1][1]:#x}) clobbered, the oracle "
-                         "predicts no collision")
+            diffs.append(
+                f"{role}: emulator saw [{got[0][0]:#x}, {got[-1][1]:#x}) clobbered, the oracle predicts no collision"
+            )
             continue
         for s, e in got:
             if not _covered(s, e, cols):
@@ -210,8 +244,10 @@ def compare_oracle(observed: Observation, predicted: Prediction | None) -> Oracl
                 diffs.append(f"{role}: first clobbered byte {got[0][0]:#x}, oracle's first {first_pred:#x}")
     footprint = _footprint(observed, predicted)
     if footprint.measured_end and footprint.predicted_end and footprint.measured_end > footprint.predicted_end:
-        diffs.append(f"decompressor wrote up to {footprint.measured_end:#x}, above the oracle's footprint "
-                     f"end {footprint.predicted_end:#x}")
+        diffs.append(
+            f"decompressor wrote up to {footprint.measured_end:#x}, above the oracle's footprint "
+            f"end {footprint.predicted_end:#x}"
+        )
     return OracleComparison(not diffs, tuple(diffs), START_TOLERANCE, footprint)
 
 
@@ -243,7 +279,8 @@ def judge_observation(verdict: Verdict, observed: Observation, agreement: Oracle
         # is a fallback.
         reasons += (observed.hang.reasons if observed.hang is not None else ()) or [
             f"the {where} breakpoint never fired: the CPU never left the "
-            f"{'old kernel / purgatory' if phase == 'handoff' else 'decompressor'}"]
+            f"{'old kernel / purgatory' if phase == 'handoff' else 'decompressor'}"
+        ]
     for stop in observed.stops:
         reasons += stop.problems
     reasons += [f"load fidelity: {p}" for p in observed.fidelity]
@@ -251,14 +288,20 @@ def judge_observation(verdict: Verdict, observed: Observation, agreement: Oracle
     for c in clobbered:
         reasons.append(f"clobbered between zImage entry and kernel entry: {c.label}")
     kernel = observed.stop("kernel")
-    if clobbered and phase in ("handoff", "kernel") and verdict.verdict != "pass" \
-            and kernel is not None and kernel.reached:
+    if (
+        clobbered
+        and phase in ("handoff", "kernel")
+        and verdict.verdict != "pass"
+        and kernel is not None
+        and kernel.reached
+    ):
         victims = sorted({c.segment for c in clobbered})
         phase = "kernel"
-        reasons.append(f"phase diagnosis: the kernel was entered (stop 2, r2 = DTB address) with the "
-                       f"{' and '.join(victims)} already overwritten by the decompressor"
-                       + ("; without a valid DTB the kernel finds no console, hence the silence"
-                          if "dtb" in victims else ""))
+        reasons.append(
+            f"phase diagnosis: the kernel was entered (stop 2, r2 = DTB address) with the "
+            f"{' and '.join(victims)} already overwritten by the decompressor"
+            + ("; without a valid DTB the kernel finds no console, hence the silence" if "dtb" in victims else "")
+        )
     for line in observed.kernel_log:
         reasons.append(f"kernel log in RAM: {line}")
     if agreement is not None and not agreement.agrees:

@@ -19,8 +19,6 @@ from ..errors import BenchError
 TAIL_LINES = 50
 
 
-
-
 class ConsoleTimeout(BenchError):
     def __init__(self, what: str, seconds: float, tail: str):
         super().__init__(f"timed out after {seconds:.0f}s waiting for {what}; last console lines:\n{tail}")
@@ -92,15 +90,18 @@ class Console:
         self._sock.sendall(data.encode())
 
     @overload
-    def wait_for(self, patterns: str | list[str], timeout: float, what: str, start: int = 0,
-                 fail_on_close: Literal[True] = True) -> Match: ...
+    def wait_for(
+        self, patterns: str | list[str], timeout: float, what: str, start: int = 0, fail_on_close: Literal[True] = True
+    ) -> Match: ...
 
     @overload
-    def wait_for(self, patterns: str | list[str], timeout: float, what: str, start: int = 0, *,
-                 fail_on_close: bool) -> Match | None: ...
+    def wait_for(
+        self, patterns: str | list[str], timeout: float, what: str, start: int = 0, *, fail_on_close: bool
+    ) -> Match | None: ...
 
-    def wait_for(self, patterns: str | list[str], timeout: float, what: str, start: int = 0,
-                 fail_on_close: bool = True) -> Match | None:
+    def wait_for(
+        self, patterns: str | list[str], timeout: float, what: str, start: int = 0, fail_on_close: bool = True
+    ) -> Match | None:
         """Wait until one of the regex patterns appears in the console text after `start`.
 
         Returns None instead of raising when the console closes and `fail_on_close` is false.

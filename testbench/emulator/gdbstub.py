@@ -90,16 +90,16 @@ def parse_packet(buffer: bytes) -> tuple[bytes | None, bytes]:
     end = buffer.find(b"#", start)
     if end < 0 or len(buffer) < end + 3:
         return None, buffer[start:]
-    payload = buffer[start + 1:end]
-    given = int(buffer[end + 1:end + 3], 16)
+    payload = buffer[start + 1 : end]
+    given = int(buffer[end + 1 : end + 3], 16)
     if given != checksum(payload):
         raise GdbError(f"gdb packet checksum {given:02x} != {checksum(payload):02x}")
-    return decode_rle(payload), buffer[end + 3:]
+    return decode_rle(payload), buffer[end + 3 :]
 
 
 def le_words(hexdata: str, count: int) -> list[int]:
     """Registers in a `g` reply are target-endian (little on ARM) words in hex."""
-    return [int.from_bytes(bytes.fromhex(hexdata[8 * i:8 * i + 8]), "little") for i in range(count)]
+    return [int.from_bytes(bytes.fromhex(hexdata[8 * i : 8 * i + 8]), "little") for i in range(count)]
 
 
 @dataclass(frozen=True)
@@ -258,10 +258,11 @@ class GdbStub:
     def write_memory(self, address: int, data: bytes) -> None:
         offsets = list(range(0, len(data), WRITE_CHUNK))
         for first in range(0, len(offsets), WRITE_WINDOW):
-            window = offsets[first:first + WRITE_WINDOW]
-            chunks = [(off, data[off:off + WRITE_CHUNK]) for off in window]
-            self._send_raw(b"".join(frame(f"M{address + off:x},{len(chunk):x}:{chunk.hex()}".encode())
-                                    for off, chunk in chunks))
+            window = offsets[first : first + WRITE_WINDOW]
+            chunks = [(off, data[off : off + WRITE_CHUNK]) for off in window]
+            self._send_raw(
+                b"".join(frame(f"M{address + off:x},{len(chunk):x}:{chunk.hex()}".encode()) for off, chunk in chunks)
+            )
             for off in window:
                 reply = self._read_packet(time.monotonic() + self.timeout)
                 if reply != b"OK":

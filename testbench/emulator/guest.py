@@ -47,7 +47,7 @@ class Shell:
         first = self.console.wait_for(rf"^{begin}\n", timeout, what, self._offset)
         last = self.console.wait_for(rf"^{end}-(\d+)\n", timeout, what, first.offset)
         self._offset = last.offset
-        output = self.console.text[first.offset:last.offset - len(last.match.group(0))]
+        output = self.console.text[first.offset : last.offset - len(last.match.group(0))]
         return CommandResult(command, int(last.match.group(1)), output.rstrip("\n"), time.monotonic() - started)
 
     def send(self, command: str) -> int:

@@ -57,20 +57,23 @@ class Sockets:
 def qemu_binary() -> str:
     path = shutil.which(QEMU_BINARY)
     if path is None:
-        raise UserError(f"{QEMU_BINARY} not found; install it with `apt-get install qemu-system-arm` "
-                        "(scripts/setup does)")
+        raise UserError(
+            f"{QEMU_BINARY} not found; install it with `apt-get install qemu-system-arm` (scripts/setup does)"
+        )
     return path
 
 
 def qemu_version(binary: str | None = None) -> tuple[int, int, int]:
     binary = binary or qemu_binary()
     try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, errors="replace",
-                             timeout=budget("qemu_probe")).stdout
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, errors="replace", timeout=budget("qemu_probe")
+        ).stdout
     except (OSError, subprocess.TimeoutExpired) as err:
         # A broken install (not executable, wrong architecture, hanging) is bad setup, not a bench bug.
-        raise UserError(f"{binary} --version failed ({err}); reinstall it with "
-                        "`apt-get install --reinstall qemu-system-arm`") from None
+        raise UserError(
+            f"{binary} --version failed ({err}); reinstall it with `apt-get install --reinstall qemu-system-arm`"
+        ) from None
     try:
         numbers = out.split("version", 1)[1].split()[0].split(".")
         major, minor, micro = (int("".join(ch for ch in n if ch.isdigit()) or 0) for n in (numbers + ["0"])[:3])
@@ -95,15 +98,28 @@ def qemu_args(spec: QemuSpec, sockets: Sockets | None, gdb: bool = False, incomi
     if spec.dtb is not None and spec.kernel is not None:
         args += ["-dtb", str(spec.dtb)]
     if spec.share is not None:
-        args += ["-fsdev", f"local,id=tbfs,path={spec.share},security_model=none",
-                 "-device", f"virtio-9p-device,fsdev=tbfs,mount_tag={SHARE_TAG}"]
+        args += [
+            "-fsdev",
+            f"local,id=tbfs,path={spec.share},security_model=none",
+            "-device",
+            f"virtio-9p-device,fsdev=tbfs,mount_tag={SHARE_TAG}",
+        ]
     if sockets is None:
         # By hand: the console and QEMU's monitor (Ctrl-A c) on the terminal.
         return [*args, "-nographic", "-serial", "mon:stdio"]
-    args += ["-display", "none", "-monitor", "none", "-S",
-             "-qmp", f"unix:{sockets.qmp},server=on,wait=off",
-             "-chardev", f"socket,id=tbcon,path={sockets.console},server=on,wait=off",
-             "-serial", "chardev:tbcon"]
+    args += [
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-S",
+        "-qmp",
+        f"unix:{sockets.qmp},server=on,wait=off",
+        "-chardev",
+        f"socket,id=tbcon,path={sockets.console},server=on,wait=off",
+        "-serial",
+        "chardev:tbcon",
+    ]
     if gdb:
         args += ["-gdb", f"unix:{sockets.gdb},server=on,wait=off"]
     if incoming is not None:
@@ -131,8 +147,13 @@ def _machine_properties(qemu_machine: str) -> frozenset[str]:
     if binary is None:  # a command line for repro.sh on a machine without QEMU: the 7.2 form
         return frozenset()
     try:
-        out = subprocess.run([binary, "-M", f"{qemu_machine},help"], capture_output=True, text=True,
-                             errors="replace", timeout=budget("qemu_probe")).stdout
+        out = subprocess.run(
+            [binary, "-M", f"{qemu_machine},help"],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=budget("qemu_probe"),
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return frozenset()
     return frozenset(line.split("=", 1)[0].strip() for line in out.splitlines() if line.startswith("  "))
@@ -156,8 +177,14 @@ def _die_with_parent() -> None:
 class QemuProcess:
     """A running QEMU. Use as a context manager: leaving the block always kills QEMU."""
 
-    def __init__(self, spec: QemuSpec, case_dir: Path, gdb: bool = False, debugger_attached: bool = False,
-                 incoming: Path | None = None):
+    def __init__(
+        self,
+        spec: QemuSpec,
+        case_dir: Path,
+        gdb: bool = False,
+        debugger_attached: bool = False,
+        incoming: Path | None = None,
+    ):
         self.spec = spec
         self.case_dir = case_dir
         self.gdb = gdb
@@ -187,8 +214,15 @@ class QemuProcess:
         (self.case_dir / "qemu.cmdline").write_text(shlex.join(self.args) + "\n")
         env = dict(os.environ) | dict(self.spec.machine.env)
         stderr = (self.case_dir / "qemu.stderr").open("wb")
-        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, env=env,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(
+            self.args,
+            stdin=subprocess.DEVNULL,
+            stdout=stderr,
+            stderr=stderr,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         stderr.close()
         deadline = time.monotonic() + budget("qemu_start")
         while not (self.sockets.qmp.exists() and self.sockets.console.exists()):

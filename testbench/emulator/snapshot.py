@@ -42,8 +42,13 @@ def snapshot_root() -> Path:
 def snapshot_key(spec: QemuSpec, qemu_version: str) -> str:
     args = qemu_args(replace(spec, share=None if spec.share is None else SHARE_PLACEHOLDER), None)
     files = [p for p in (spec.kernel, spec.initrd, spec.dtb) if p is not None]
-    identity = {"format": FORMAT, "qemu": qemu_version, "args": args, "env": sorted(spec.machine.env),
-                "files": [sha256_file(p) for p in files]}
+    identity = {
+        "format": FORMAT,
+        "qemu": qemu_version,
+        "args": args,
+        "env": sorted(spec.machine.env),
+        "files": [sha256_file(p) for p in files],
+    }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -89,10 +94,20 @@ class Slot:
                     raise BenchError(f"saving the stage-1 snapshot failed: {status.get('error-desc', status)}")
                 time.sleep(0.02)
             seconds = time.monotonic() - t0
-            (work / "meta.json").write_text(json.dumps({
-                "key": self.key, "machine": qemu.spec.machine.name, "ram": qemu.spec.ram,
-                "boot_seconds": round(boot_seconds, 3), "save_seconds": round(seconds, 3),
-                "qemu_cmdline": qemu_args(replace(qemu.spec, share=SHARE_PLACEHOLDER), None)}, indent=1) + "\n")
+            (work / "meta.json").write_text(
+                json.dumps(
+                    {
+                        "key": self.key,
+                        "machine": qemu.spec.machine.name,
+                        "ram": qemu.spec.ram,
+                        "boot_seconds": round(boot_seconds, 3),
+                        "save_seconds": round(seconds, 3),
+                        "qemu_cmdline": qemu_args(replace(qemu.spec, share=SHARE_PLACEHOLDER), None),
+                    },
+                    indent=1,
+                )
+                + "\n"
+            )
             shutil.rmtree(self.directory, ignore_errors=True)
             work.rename(self.directory)
             return seconds

@@ -42,18 +42,26 @@ def host_mirrors() -> Mirrors:
         found_archive, found_security = _indextarget_mirrors()
         archive = archive or found_archive
         # Debian publishes security updates in a sibling archive, `debian-security` beside `debian`.
-        security = security or found_security or (re.sub(r"/debian/?$", "/debian-security/", archive)
-                                                  if archive else None)
+        security = (
+            security or found_security or (re.sub(r"/debian/?$", "/debian-security/", archive) if archive else None)
+        )
     if not archive or not security:
-        raise UserError("the host's apt has no Debian mirror configured (no `deb` source for a Debian suite); "
-                        "set TESTBENCH_APT_MIRROR (and TESTBENCH_APT_SECURITY) to the archive's URI")
+        raise UserError(
+            "the host's apt has no Debian mirror configured (no `deb` source for a Debian suite); "
+            "set TESTBENCH_APT_MIRROR (and TESTBENCH_APT_SECURITY) to the archive's URI"
+        )
     return Mirrors(archive=archive.rstrip("/") + "/", security=security.rstrip("/") + "/")
 
 
 def _indextarget_mirrors() -> tuple[str | None, str | None]:
     try:
-        done = subprocess.run(["apt-get", "indextargets", "--format", "$(REPO_URI)|$(RELEASE)|$(ORIGIN)"],
-                              capture_output=True, text=True, timeout=QUERY_TIMEOUT, check=False)
+        done = subprocess.run(
+            ["apt-get", "indextargets", "--format", "$(REPO_URI)|$(RELEASE)|$(ORIGIN)"],
+            capture_output=True,
+            text=True,
+            timeout=QUERY_TIMEOUT,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None, None
     archive = security = None
@@ -87,8 +95,10 @@ class PrivateApt:
     def sources(self) -> str:
         m = self.mirrors
         common = f"Components: main\nArchitectures: {ARCH}\nSigned-By: {KEYRING}\n"
-        return (f"Types: deb\nURIs: {m.archive}\nSuites: {self.suite} {self.suite}-updates\n{common}\n"
-                f"Types: deb\nURIs: {m.security}\nSuites: {self.suite}-security\n{common}")
+        return (
+            f"Types: deb\nURIs: {m.archive}\nSuites: {self.suite} {self.suite}-updates\n{common}\n"
+            f"Types: deb\nURIs: {m.security}\nSuites: {self.suite}-security\n{common}"
+        )
 
     def _prepare(self) -> None:
         if not KEYRING.is_file():
@@ -122,30 +132,37 @@ class PrivateApt:
         options = [f"-o{key}={value}" for key, value in settings.items()]
         return [*options, f"-oAPT::Architectures={ARCH}", "-oAcquire::Languages=none"]
 
-    def _run(self, tool: str, args: list[str], timeout: float, cwd: Path | None = None,
-             check: bool = True) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, tool: str, args: list[str], timeout: float, cwd: Path | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         self._prepare()
         cmd = [tool, *self.options(), *args]
         try:
-            done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, errors="replace",
-                                  timeout=timeout, check=False)
+            done = subprocess.run(
+                cmd, cwd=cwd, capture_output=True, text=True, errors="replace", timeout=timeout, check=False
+            )
         except FileNotFoundError:
             raise UserError(f"{tool} not found: the guest images are fetched with Debian's apt") from None
         except subprocess.TimeoutExpired:
-            raise BenchError(f"{tool} {' '.join(args)} did not finish within {timeout:.0f}s "
-                             "(is the mirror reachable?)") from None
+            raise BenchError(
+                f"{tool} {' '.join(args)} did not finish within {timeout:.0f}s (is the mirror reachable?)"
+            ) from None
         if check and done.returncode != 0:
-            lines = [ln for ln in done.stderr.strip().splitlines() if ln.startswith(("E:", "Err"))] or \
-                done.stderr.strip().splitlines()[-1:]
-            raise BenchError(f"{tool} {' '.join(args)} ({self.suite}, private apt) failed: "
-                             f"{' | '.join(lines) or done.returncode}")
+            lines = [
+                ln for ln in done.stderr.strip().splitlines() if ln.startswith(("E:", "Err"))
+            ] or done.stderr.strip().splitlines()[-1:]
+            raise BenchError(
+                f"{tool} {' '.join(args)} ({self.suite}, private apt) failed: {' | '.join(lines) or done.returncode}"
+            )
         return done
 
     def update(self) -> None:
         done = self._run("apt-get", ["update", "-q"], UPDATE_TIMEOUT, check=False)
         if "does not have a Release file" in done.stderr or (done.returncode == 0 and not self.has_lists()):
-            raise UserError(f"Debian suite {self.suite!r}: the mirror {self.mirrors.archive} has no such suite "
-                            "for armhf (a codename such as bookworm or trixie)")
+            raise UserError(
+                f"Debian suite {self.suite!r}: the mirror {self.mirrors.archive} has no such suite "
+                "for armhf (a codename such as bookworm or trixie)"
+            )
         if done.returncode != 0 or not self.has_lists():
             errors = [ln for ln in done.stderr.splitlines() if ln.startswith(("E:", "Err"))]
             raise BenchError(f"apt-get update ({self.suite}, private apt) failed: {' | '.join(errors[:3])}")

@@ -85,8 +85,7 @@ def check_kexec(path: Path) -> Loader:
     except ELFError:
         raise UserError(f"kexec {path}: not an ELF executable") from None
     if machine != "EM_ARM" or elfclass != 32:
-        raise UserError(f"kexec {path}: built for {machine} ({elfclass}-bit), not 32-bit ARM; "
-                        "the guest cannot run it")
+        raise UserError(f"kexec {path}: built for {machine} ({elfclass}-bit), not 32-bit ARM; the guest cannot run it")
     return Loader(path, dynamic, None)
 
 

@@ -29,8 +29,21 @@ class CpioWriter:
         if self._closed:
             raise ValueError("cpio archive already closed")
         name_bytes = name.lstrip("/").encode() + b"\0" if name != TRAILER else name.encode() + b"\0"
-        fields = (self._next_ino if name != TRAILER else 0, mode, 0, 0, nlink, self.mtime, len(data),
-                  0, 0, rdev[0], rdev[1], len(name_bytes), 0)
+        fields = (
+            self._next_ino if name != TRAILER else 0,
+            mode,
+            0,
+            0,
+            nlink,
+            self.mtime,
+            len(data),
+            0,
+            0,
+            rdev[0],
+            rdev[1],
+            len(name_bytes),
+            0,
+        )
         header = MAGIC + b"".join(b"%08X" % value for value in fields)
         self._next_ino += 1
         chunk = header + name_bytes + _pad4(len(header) + len(name_bytes)) + data + _pad4(len(data))
@@ -61,16 +74,16 @@ def read_cpio(data: bytes) -> list[tuple[str, int, bytes]]:
     entries: list[tuple[str, int, bytes]] = []
     offset = 0
     while True:
-        if data[offset:offset + 6] != MAGIC:
+        if data[offset : offset + 6] != MAGIC:
             raise ValueError(f"bad cpio magic at offset {offset}")
-        fields = [int(data[offset + 6 + 8 * i: offset + 14 + 8 * i], 16) for i in range(13)]
+        fields = [int(data[offset + 6 + 8 * i : offset + 14 + 8 * i], 16) for i in range(13)]
         mode, filesize, namesize = fields[1], fields[6], fields[11]
         name_start = offset + 110
-        name = data[name_start:name_start + namesize - 1].decode()
+        name = data[name_start : name_start + namesize - 1].decode()
         data_start = name_start + namesize + _pad4_len(110 + namesize)
         if name == TRAILER:
             return entries
-        entries.append((name, mode, data[data_start:data_start + filesize]))
+        entries.append((name, mode, data[data_start : data_start + filesize]))
         offset = data_start + filesize + _pad4_len(filesize)
 
 

@@ -57,7 +57,7 @@ def get_cells(data: bytes, path: str, prop: str) -> list[int] | None:
     if value is None or isinstance(value, int):
         return None
     raw = bytes(value)
-    return [int.from_bytes(raw[i:i + 4], "big") for i in range(0, len(raw) - len(raw) % 4, 4)]
+    return [int.from_bytes(raw[i : i + 4], "big") for i in range(0, len(raw) - len(raw) % 4, 4)]
 
 
 def cells_value(cells: list[int]) -> int:

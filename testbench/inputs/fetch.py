@@ -50,8 +50,7 @@ def resolve_package_set(apt: PrivateApt) -> tuple[str, dict[str, dict[str, str]]
     """The kernel package name and the archive's fields of every package to fetch (roots + library closure),
     as the suite's archive has them now."""
     meta = apt.show(KERNEL_METAPACKAGE)
-    kernel = next((n for n in dependency_names(meta) if n.startswith("linux-image-") and n.endswith("-armmp")),
-                  None)
+    kernel = next((n for n in dependency_names(meta) if n.startswith("linux-image-") and n.endswith("-armmp")), None)
     if kernel is None:
         raise BenchError(f"{apt.suite}: {KERNEL_METAPACKAGE}:{ARCH} depends on no linux-image-*-armmp package")
     wanted: dict[str, dict[str, str]] = {}
@@ -64,8 +63,7 @@ def resolve_package_set(apt: PrivateApt) -> tuple[str, dict[str, dict[str, str]]
         fields = apt.show(name)
         if name in roots and "Package" not in fields:
             raise BenchError(f"{apt.suite}: the archive has no {name}:{ARCH}")
-        if name not in roots and (fields.get("Section") not in LIBRARY_SECTIONS
-                                  or fields.get("Architecture") != ARCH):
+        if name not in roots and (fields.get("Section") not in LIBRARY_SECTIONS or fields.get("Architecture") != ARCH):
             continue
         wanted[name] = fields
         if name != kernel:  # the kernel's dependencies (initramfs tools, firmware) are host-side tooling
@@ -74,8 +72,10 @@ def resolve_package_set(apt: PrivateApt) -> tuple[str, dict[str, dict[str, str]]
 
 
 def _locked_from_archive(suite: str, kernel: str, wanted: dict[str, dict[str, str]]) -> SuiteLock:
-    packages = tuple(LockedPackage(name=f["Package"], version=f["Version"], sha256=f["SHA256"],
-                                   size=int(f.get("Size", 0))) for f in wanted.values())
+    packages = tuple(
+        LockedPackage(name=f["Package"], version=f["Version"], sha256=f["SHA256"], size=int(f.get("Size", 0)))
+        for f in wanted.values()
+    )
     return SuiteLock(suite=suite, kernel=kernel, locked_on=time.strftime("%Y-%m-%d"), packages=packages)
 
 
@@ -163,13 +163,16 @@ def _gone_line(suite: SuiteLock, gone: list[LockedPackage], apt: PrivateApt) -> 
     else:
         now = apt.show(first.name).get("Version", "no such package")
     more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
-    return (f"{suite.suite}: locked {first.name} {first.version} is no longer in the archive, which now has "
-            f"{now}{more}: run `testbench images lock --suite {suite.suite}` to lock the new set, or set "
-            f"{DRIFT_ENV}=1 to take it and record the drift")
+    return (
+        f"{suite.suite}: locked {first.name} {first.version} is no longer in the archive, which now has "
+        f"{now}{more}: run `testbench images lock --suite {suite.suite}` to lock the new set, or set "
+        f"{DRIFT_ENV}=1 to take it and record the drift"
+    )
 
 
-def fetch_images(suite: str | None = None, say: Callable[[str], None] = _say_stderr,
-                 drift_ok: bool | None = None) -> Images:
+def fetch_images(
+    suite: str | None = None, say: Callable[[str], None] = _say_stderr, drift_ok: bool | None = None
+) -> Images:
     """Make the cache hold exactly SUITE's locked set (default: the lock's default suite). The archive is
     asked only when something is missing. A locked version the archive no longer has is one UserError,
     before anything is downloaded; with drift allowed the archive's current set is taken and recorded."""
@@ -186,11 +189,16 @@ def fetch_images(suite: str | None = None, say: Callable[[str], None] = _say_std
         apt = PrivateApt(root, locked.suite)
         missing = [w for w in wanted if not _cached(root, w)]
         if missing:
-            say(f"{len(missing)} of {len(wanted)} locked {locked.suite} packages to fetch; updating the "
-                "private apt lists")
+            say(
+                f"{len(missing)} of {len(wanted)} locked {locked.suite} packages to fetch; updating the "
+                "private apt lists"
+            )
             apt.update()
-            gone = [p for p in locked.packages if any(w.name == p.name for w in missing)
-                    and apt.show(p.name, p.version).get("SHA256") != p.sha256]
+            gone = [
+                p
+                for p in locked.packages
+                if any(w.name == p.name for w in missing) and apt.show(p.name, p.version).get("SHA256") != p.sha256
+            ]
             if gone and not drift_ok:
                 raise UserError(_gone_line(locked, gone, apt))
             if gone:
@@ -211,14 +219,18 @@ def fetch_images(suite: str | None = None, say: Callable[[str], None] = _say_std
             "drift": [d.to_dict() for d in drift],
             "kernel_package": kernel,
             "kernel_release": release,
-            "packages": [{"name": w.name, "version": w.version, "sha256": w.sha256, "deb": _deb_name(w),
-                          "tree": w.sha256} for w in sorted(wanted, key=lambda w: w.name)],
+            "packages": [
+                {"name": w.name, "version": w.version, "sha256": w.sha256, "deb": _deb_name(w), "tree": w.sha256}
+                for w in sorted(wanted, key=lambda w: w.name)
+            ],
         }
         path = manifest_path(locked.suite)
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(path, manifest)
-        say(f"image cache ready in {root}: {locked.suite}, {len(wanted)} packages, kernel {release}"
-            + (f", {len(drift)} drifted from the lock" if drift else ""))
+        say(
+            f"image cache ready in {root}: {locked.suite}, {len(wanted)} packages, kernel {release}"
+            + (f", {len(drift)} drifted from the lock" if drift else "")
+        )
         return load_images(locked.suite)
 
 
@@ -248,5 +260,3 @@ def _depmod(kernel_tree: Path, release: str) -> None:
     if not (kernel_tree / "lib" / "modules" / release / "modules.dep").exists():
         depmod = shutil.which("depmod") or "/usr/sbin/depmod"
         _run([depmod, "-b", str(kernel_tree), release])
-
-

@@ -118,9 +118,11 @@ class Images:
         return self.tree("kexec-tools") / "sbin" / "kexec"
 
     def library_trees(self) -> list[Path]:
-        return [self.root / "tree" / p.tree for p in self.packages if p.name not in (self.kernel_package,
-                                                                                     "busybox-static",
-                                                                                     "kexec-tools")]
+        return [
+            self.root / "tree" / p.tree
+            for p in self.packages
+            if p.name not in (self.kernel_package, "busybox-static", "kexec-tools")
+        ]
 
 
 @contextmanager
@@ -148,26 +150,41 @@ def load_images(suite: str | None = None) -> Images:
     path = manifest_path(locked.suite)
     if not path.exists():
         hint = "unset TESTBENCH_OFFLINE and run" if offline() else "run"
-        raise UserError(f"no {locked.suite} images in the cache at {root}: {hint} "
-                        f"`testbench images fetch --suite {locked.suite}` (or scripts/setup)")
+        raise UserError(
+            f"no {locked.suite} images in the cache at {root}: {hint} "
+            f"`testbench images fetch --suite {locked.suite}` (or scripts/setup)"
+        )
     try:
         manifest = json.loads(path.read_text())
-        packages = tuple(Package(name=p["name"], version=p["version"], sha256=p["sha256"], deb=p["deb"],
-                                 tree=p["tree"]) for p in manifest["packages"])
+        packages = tuple(
+            Package(name=p["name"], version=p["version"], sha256=p["sha256"], deb=p["deb"], tree=p["tree"])
+            for p in manifest["packages"]
+        )
         drift = tuple(Drift(d["name"], d["locked"], d["now"]) for d in manifest.get("drift", ()))
         fetched_from = manifest.get("lock_sha256")
         kernel, release = manifest["kernel_package"], manifest["kernel_release"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"{path}: unreadable manifest ({err}); run `testbench images fetch`") from None
     if fetched_from != locked.sha256:
-        raise UserError(f"the image cache's {locked.suite} set was fetched from another lock than "
-                        f"{read_lock().path}: run `testbench images fetch --suite {locked.suite}`")
-    images = Images(root=root, suite=locked.suite, kernel_package=kernel, kernel_release=release,
-                    packages=packages, lock_sha256=locked.sha256, drift=drift)
+        raise UserError(
+            f"the image cache's {locked.suite} set was fetched from another lock than "
+            f"{read_lock().path}: run `testbench images fetch --suite {locked.suite}`"
+        )
+    images = Images(
+        root=root,
+        suite=locked.suite,
+        kernel_package=kernel,
+        kernel_release=release,
+        packages=packages,
+        lock_sha256=locked.sha256,
+        drift=drift,
+    )
     missing = [p.name for p in packages if not (root / "tree" / p.tree).is_dir()]
     if missing or not images.zimage.exists():
-        raise UserError(f"image cache at {root} is incomplete ({', '.join(missing) or 'kernel'} missing): "
-                        f"run `testbench images fetch --suite {locked.suite}`")
+        raise UserError(
+            f"image cache at {root} is incomplete ({', '.join(missing) or 'kernel'} missing): "
+            f"run `testbench images fetch --suite {locked.suite}`"
+        )
     return images
 
 

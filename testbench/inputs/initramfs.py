@@ -84,8 +84,11 @@ def _cached(images: Images, kind: str, key_parts: list[bytes], build) -> Path:
 
 def stage1_initramfs(images: Images) -> Path:
     init = _recipe("stage1", "init")
-    wanted = [ln.strip() for ln in _recipe("stage1", "modules.txt").read_text().splitlines()
-              if ln.strip() and not ln.startswith("#")]
+    wanted = [
+        ln.strip()
+        for ln in _recipe("stage1", "modules.txt").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     order = module_load_order(images.modules_dir, wanted)
 
     def build(writer: CpioWriter) -> None:
@@ -103,8 +106,12 @@ def stage1_initramfs(images: Images) -> Path:
         writer.file("etc/modules.load", ("\n".join(order) + "\n").encode())
         writer.close()
 
-    key = [images.package(images.kernel_package).sha256.encode(), images.package("busybox-static").sha256.encode(),
-           init.read_bytes(), "\n".join(order).encode()]
+    key = [
+        images.package(images.kernel_package).sha256.encode(),
+        images.package("busybox-static").sha256.encode(),
+        init.read_bytes(),
+        "\n".join(order).encode(),
+    ]
     return _cached(images, "stage1", key, build)
 
 
@@ -141,8 +148,13 @@ def build_stage2_initrd(images: Images, out: Path, payload_size: int, seed: int 
         writer = CpioWriter(handle)
         writer.file(PAYLOAD_NAME, payload)
         writer.close()
-    return Stage2Initrd(path=out, size=out.stat().st_size, payload_size=payload_size,
-                        payload_sha256=hashlib.sha256(payload).hexdigest(), seed=seed)
+    return Stage2Initrd(
+        path=out,
+        size=out.stat().st_size,
+        payload_size=payload_size,
+        payload_sha256=hashlib.sha256(payload).hexdigest(),
+        seed=seed,
+    )
 
 
 def cached_stage2_initrd(images: Images, payload_size: int, seed: int = 1) -> Stage2Initrd:
@@ -155,8 +167,13 @@ def cached_stage2_initrd(images: Images, payload_size: int, seed: int = 1) -> St
     if target.exists() and facts.exists():
         known = json.loads(facts.read_text())
         if known.get("size") == target.stat().st_size:
-            return Stage2Initrd(path=target, size=known["size"], payload_size=payload_size,
-                                payload_sha256=known["payload_sha256"], seed=seed)
+            return Stage2Initrd(
+                path=target,
+                size=known["size"],
+                payload_size=payload_size,
+                payload_sha256=known["payload_sha256"],
+                seed=seed,
+            )
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".build-")
     os.close(fd)
     try:
@@ -167,5 +184,6 @@ def cached_stage2_initrd(images: Images, payload_size: int, seed: int = 1) -> St
         os.replace(tmp, target)  # atomic, so concurrent runs never see half an image
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return Stage2Initrd(path=target, size=built.size, payload_size=payload_size,
-                        payload_sha256=built.payload_sha256, seed=seed)
+    return Stage2Initrd(
+        path=target, size=built.size, payload_size=payload_size, payload_sha256=built.payload_sha256, seed=seed
+    )

@@ -106,8 +106,23 @@ _PATTERNS: list[tuple[str, re.Pattern[str]]] = [
 ]
 
 # The order a single run prints things in; a "start" marker seen after a later stage begins a new run.
-_STAGE = {"gzip": 0, "memranges": 1, "range": 1, "header": 2, "zsize": 2, "requires": 3, "tag": 3,
-          "sizes": 4, "kspace": 4, "kimgsize": 4, "placed": 5, "entry": 6, "nseg": 6, "seg": 6, "copy": 7}
+_STAGE = {
+    "gzip": 0,
+    "memranges": 1,
+    "range": 1,
+    "header": 2,
+    "zsize": 2,
+    "requires": 3,
+    "tag": 3,
+    "sizes": 4,
+    "kspace": 4,
+    "kimgsize": 4,
+    "placed": 5,
+    "entry": 6,
+    "nseg": 6,
+    "seg": 6,
+    "copy": 7,
+}
 _STARTS = {"gzip", "memranges", "header"}
 
 
@@ -193,9 +208,7 @@ def _segments(run: _Run) -> tuple[Segment, ...]:
     chosen = next((s for s in reversed(sets) if complete(*s)), sets[-1])
     n, segs = chosen
     count = max(n or 0, max(segs) + 1)
-    return tuple(
-        Segment(i, *(segs.get(i, {}).get(k) for k in ("buf", "bufsz", "mem", "memsz"))) for i in range(count)
-    )
+    return tuple(Segment(i, *(segs.get(i, {}).get(k) for k in ("buf", "bufsz", "mem", "memsz"))) for i in range(count))
 
 
 def _format(v: dict) -> str:
@@ -251,8 +264,14 @@ def parse_kexec_logs(text: str) -> list[KexecLog]:
                 break
             run = runs[-1]
             stage = _STAGE[kind]
-            new_run = (kind in _STARTS and stage < run.stage or kind == "gzip" and not run.empty()
-                       or kind == "memranges" and bool(run.ranges))
+            new_run = (
+                kind in _STARTS
+                and stage < run.stage
+                or kind == "gzip"
+                and not run.empty()
+                or kind == "memranges"
+                and bool(run.ranges)
+            )
             if new_run:
                 runs.append(_Run())
                 run = runs[-1]
@@ -265,8 +284,10 @@ def parse_kexec_logs(text: str) -> list[KexecLog]:
             break
     logs = [_build(r) for r in runs if _meaningful(r)]
     if not logs:
-        raise KexecLogError("no kexec --debug output found (expected lines such as 'MEMORY RANGES', "
-                            "'zImage header:', 'segment[0].mem = ...')")
+        raise KexecLogError(
+            "no kexec --debug output found (expected lines such as 'MEMORY RANGES', "
+            "'zImage header:', 'segment[0].mem = ...')"
+        )
     return logs
 
 

@@ -62,8 +62,10 @@ class Lock:
             if entry.suite == wanted:
                 return entry
         known = ", ".join(s.suite for s in self.suites) or "none"
-        raise UserError(f"{self.path}: no locked set for suite {wanted!r} (locked: {known}); "
-                        f"make one with `testbench images lock --suite {wanted}`")
+        raise UserError(
+            f"{self.path}: no locked set for suite {wanted!r} (locked: {known}); "
+            f"make one with `testbench images lock --suite {wanted}`"
+        )
 
 
 def lock_path() -> Path:
@@ -81,11 +83,19 @@ def read_lock(path: Path | None = None) -> Lock:
         raise UserError(f"lock file {path}: cannot read it ({err})") from None
     try:
         suites = tuple(
-            SuiteLock(suite=name, kernel=str(table["kernel"]), locked_on=str(table.get("locked_on", "")),
-                      packages=tuple(LockedPackage(name=str(p["name"]), version=str(p["version"]),
-                                                   sha256=str(p["sha256"]), size=int(p["size"]))
-                                     for p in table["packages"]))
-            for name, table in raw.get("suites", {}).items())
+            SuiteLock(
+                suite=name,
+                kernel=str(table["kernel"]),
+                locked_on=str(table.get("locked_on", "")),
+                packages=tuple(
+                    LockedPackage(
+                        name=str(p["name"]), version=str(p["version"]), sha256=str(p["sha256"]), size=int(p["size"])
+                    )
+                    for p in table["packages"]
+                ),
+            )
+            for name, table in raw.get("suites", {}).items()
+        )
         default = str(raw["default_suite"])
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"lock file {path}: malformed ({type(err).__name__}: {err})") from None
@@ -95,11 +105,17 @@ def read_lock(path: Path | None = None) -> Lock:
 def render(default_suite: str, suites: tuple[SuiteLock, ...]) -> str:
     lines = [HEADER, f"default_suite = {json.dumps(default_suite)}", ""]
     for entry in sorted(suites, key=lambda s: s.suite):
-        lines += [f"[suites.{entry.suite}]", f"kernel = {json.dumps(entry.kernel)}",
-                  f"locked_on = {json.dumps(entry.locked_on)}", "packages = ["]
+        lines += [
+            f"[suites.{entry.suite}]",
+            f"kernel = {json.dumps(entry.kernel)}",
+            f"locked_on = {json.dumps(entry.locked_on)}",
+            "packages = [",
+        ]
         for p in sorted(entry.packages, key=lambda p: p.name):
-            lines.append(f"  {{ name = {json.dumps(p.name)}, version = {json.dumps(p.version)}, "
-                         f"sha256 = {json.dumps(p.sha256)}, size = {p.size} }},")
+            lines.append(
+                f"  {{ name = {json.dumps(p.name)}, version = {json.dumps(p.version)}, "
+                f"sha256 = {json.dumps(p.sha256)}, size = {p.size} }},"
+            )
         lines += ["]", ""]
     return "\n".join(lines)
 

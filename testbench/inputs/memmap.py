@@ -46,8 +46,10 @@ class MemMap:
     def check(self, machine: Machine, ram: int) -> None:
         for off, size in self.no_map:
             if off + size > min(ram // 2, STAGE1_INITRD_OFFSET):
-                raise UserError(f"memory map {self.name}: the hole at +{format_size(off)} ({format_size(size)}) "
-                                f"would cover stage 1's initramfs with {format_size(ram)} of RAM on {machine.name}")
+                raise UserError(
+                    f"memory map {self.name}: the hole at +{format_size(off)} ({format_size(size)}) "
+                    f"would cover stage 1's initramfs with {format_size(ram)} of RAM on {machine.name}"
+                )
 
 
 def load_memmaps(path: Path = MEMMAPS) -> dict[str, MemMap]:
@@ -109,7 +111,21 @@ def dump_qemu_dtb(binary: str, machine: Machine, ram: int) -> bytes:
     """QEMU's own DTB for a board that generates one (virt), for this RAM size."""
     with tempfile.TemporaryDirectory(prefix="tb-dtb-") as tmp:
         target = Path(tmp) / "board.dtb"
-        _run([binary, "-M", f"{machine.qemu_machine_arg},dumpdtb={target}", "-cpu", machine.cpu,
-              "-m", f"{ram >> 20}M", "-smp", str(machine.smp), *machine.qemu_args, "-display", "none"],
-             f"qemu dumpdtb for {machine.name}")
+        _run(
+            [
+                binary,
+                "-M",
+                f"{machine.qemu_machine_arg},dumpdtb={target}",
+                "-cpu",
+                machine.cpu,
+                "-m",
+                f"{ram >> 20}M",
+                "-smp",
+                str(machine.smp),
+                *machine.qemu_args,
+                "-display",
+                "none",
+            ],
+            f"qemu dumpdtb for {machine.name}",
+        )
         return target.read_bytes()

@@ -218,14 +218,18 @@ def parse_zimage(raw: bytes) -> ZImage:
         if not 2 <= words <= 6 or len(payload) < 2:
             raise ZImageError(f"corrupt zImage tag table at {table:#x}: KLSZ tag of {words} words")
         if not 0x30 <= payload[0] <= len(buf) - 4:
-            raise ZImageError(f"corrupt zImage tag table at {table:#x}: KLSZ size_ptr {payload[0]:#x} "
-                              f"is outside the {len(buf):#x}-byte file")
+            raise ZImageError(
+                f"corrupt zImage tag table at {table:#x}: KLSZ size_ptr {payload[0]:#x} "
+                f"is outside the {len(buf):#x}-byte file"
+            )
         fields["tag_words"] = words
         fields["size_ptr"], fields["kernel_bss"] = payload[0], payload[1]
         fields["inflated_size"] = _u32(buf, payload[0])  # unaligned on purpose: get_unaligned
         if not 0 < fields["inflated_size"] < _MAX_INFLATED:
-            raise ZImageError(f"corrupt zImage tag table at {table:#x}: inflated size "
-                              f"{fields['inflated_size']:#x} read from {payload[0]:#x} is impossible")
+            raise ZImageError(
+                f"corrupt zImage tag table at {table:#x}: inflated size "
+                f"{fields['inflated_size']:#x} read from {payload[0]:#x} is impossible"
+            )
         if words >= 5 and len(payload) >= 3:
             fields["text_offset"] = payload[2]
         if words >= 6 and len(payload) >= 4:
@@ -251,8 +255,16 @@ def parse_zimage(raw: bytes) -> ZImage:
         if fields["reloc_pad"] is None:
             notes.append("no 'add sl, sl, #P; bic sl, sl, #255' pair: relocation pad P unknown")
     return ZImage(
-        file_size=len(raw), container=container, data_size=len(buf), magic_start=start, magic_end=end,
-        endian=endian, efi_stub=efi, thumb2=thumb2, notes=tuple(notes), **fields,
+        file_size=len(raw),
+        container=container,
+        data_size=len(buf),
+        magic_start=start,
+        magic_end=end,
+        endian=endian,
+        efi_stub=efi,
+        thumb2=thumb2,
+        notes=tuple(notes),
+        **fields,
     )
 
 
@@ -260,8 +272,9 @@ def parse_zimage(raw: bytes) -> ZImage:
 BUILT_DECOMPRESSOR_ELF = "decompressor.elf"
 
 
-def read_zimage(source: str | Path | bytes, decompressor_elf: str | Path | None = None,
-                vmlinux: str | Path | None = None) -> ZImage:
+def read_zimage(
+    source: str | Path | bytes, decompressor_elf: str | Path | None = None, vmlinux: str | Path | None = None
+) -> ZImage:
     """Read a zImage from a path or bytes; ELF files, when given (or a built zImage's own decompressor ELF
     beside it), override scanned values exactly."""
     if isinstance(source, bytes | bytearray | memoryview):
@@ -279,9 +292,13 @@ def read_zimage(source: str | Path | bytes, decompressor_elf: str | Path | None 
         from .zimage_elf import decompressor_symbols, vmlinux_symbols
 
         if decompressor_elf is not None:
-            zi = replace(zi, **cast(dict[str, Any], decompressor_symbols(decompressor_elf, zi.magic_start)),
-                         notes=(*zi.notes, f"decompressor constants from {decompressor_elf}"))
+            zi = replace(
+                zi,
+                **cast(dict[str, Any], decompressor_symbols(decompressor_elf, zi.magic_start)),
+                notes=(*zi.notes, f"decompressor constants from {decompressor_elf}"),
+            )
         if vmlinux is not None:
-            zi = replace(zi, **cast(dict[str, Any], vmlinux_symbols(vmlinux)),
-                         notes=(*zi.notes, f"kernel sizes from {vmlinux}"))
+            zi = replace(
+                zi, **cast(dict[str, Any], vmlinux_symbols(vmlinux)), notes=(*zi.notes, f"kernel sizes from {vmlinux}")
+            )
     return zi

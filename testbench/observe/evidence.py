@@ -37,8 +37,9 @@ def diff_ranges(old: bytes, new: bytes, coalesce: int = COALESCE) -> list[tuple[
     return out
 
 
-def segment_changes(first: dict[SegmentSpec, bytes],
-                    second: dict[SegmentSpec, bytes]) -> dict[SegmentSpec, list[tuple[int, int]]]:
+def segment_changes(
+    first: dict[SegmentSpec, bytes], second: dict[SegmentSpec, bytes]
+) -> dict[SegmentSpec, list[tuple[int, int]]]:
     """Each segment's changed byte ranges between two dumps: computed once, read by every consumer."""
     return {seg: diff_ranges(first[seg], second[seg]) for seg in first}
 
@@ -51,20 +52,26 @@ def load_fidelity(first: dict[SegmentSpec, bytes]) -> tuple[list[str], set[Segme
     for seg, data in first.items():
         if seg.source is None or seg.role not in ("kernel", "initrd"):
             continue
-        want = seg.source.read_bytes()[:seg.size]
+        want = seg.source.read_bytes()[: seg.size]
         bad = diff_ranges(want, data)
         if len(want) != seg.size:
             problems.append(f"{seg.role} segment is {seg.size:#x} bytes, the file {len(want):#x}")
         if bad:
-            problems.append(f"{seg.role} segment differs from {seg.source.name} at load: first at "
-                            f"+{bad[0][0]:#x}, {len(bad)} ranges")
+            problems.append(
+                f"{seg.role} segment differs from {seg.source.name} at load: first at "
+                f"+{bad[0][0]:#x}, {len(bad)} ranges"
+            )
         elif len(want) == len(data):
             as_loaded.add(seg)
     return problems, as_loaded
 
 
-def keep_evidence(out: Path, second: dict[SegmentSpec, bytes], changes: dict[SegmentSpec, list[tuple[int, int]]],
-                  as_loaded: set[SegmentSpec]) -> list[dict]:
+def keep_evidence(
+    out: Path,
+    second: dict[SegmentSpec, bytes],
+    changes: dict[SegmentSpec, list[tuple[int, int]]],
+    as_loaded: set[SegmentSpec],
+) -> list[dict]:
     """Drop the dumps that repeat a file already in the case dir (a stop-1 dump of a segment `as_loaded`, a
     stop-2 dump without `changes`), and list what each stop held in dumps.json: a matrix of 100 MB initrds
     wrote ~8 GB per run when every dump was kept."""

@@ -37,13 +37,17 @@ class Clobber:
 @dataclass(frozen=True)
 class Footprint:
     """The highest byte the decompressor changed, pattern window and segments together."""
+
     highest_written_end: int | None
     window: tuple[int, int] | None
     reached_window_top: bool
 
     def to_dict(self) -> dict:
-        return {"highest_written_end": self.highest_written_end,
-                "window": list(self.window) if self.window else None, "reached_window_top": self.reached_window_top}
+        return {
+            "highest_written_end": self.highest_written_end,
+            "window": list(self.window) if self.window else None,
+            "reached_window_top": self.reached_window_top,
+        }
 
 
 @dataclass(frozen=True)

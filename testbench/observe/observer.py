@@ -51,8 +51,15 @@ SPIN_SAMPLE = 1.0
 class Observer:
     """Owns the gdbstub connection for one kexec -e. `arm()` before kexec -e, `observe()` after it."""
 
-    def __init__(self, gdb_socket: Path, pmemsave: Callable[[int, int, Path], None], plan: Plan, out: Path,
-                 deadlines: dict[str, float] | None = None, spin_check: bool = True):
+    def __init__(
+        self,
+        gdb_socket: Path,
+        pmemsave: Callable[[int, int, Path], None],
+        plan: Plan,
+        out: Path,
+        deadlines: dict[str, float] | None = None,
+        spin_check: bool = True,
+    ):
         self.plan = plan
         self.out = out
         self.pmemsave = pmemsave
@@ -154,12 +161,12 @@ class Observer:
         self.gdb.cont()
         decompress = self.deadlines["decompress"] * factor
         stop2, halted = self._wait_kernel_entry(decompress)
-        report2 = self._check_stop("kernel", self.plan.kernel_entry, stop2,
-                                   stop2.at - resumed if stop2 else None)
+        report2 = self._check_stop("kernel", self.plan.kernel_entry, stop2, stop2.at - resumed if stop2 else None)
         if stop2 is None:
             waited = (halted.at if halted else time.monotonic()) - resumed
-            return self._hung("decompress", (report1, report2), tuple(fidelity), gaps, dumped, waited, decompress,
-                              halted)
+            return self._hung(
+                "decompress", (report1, report2), tuple(fidelity), gaps, dumped, waited, decompress, halted
+            )
         second = self._dump_segments("stop2")
         changes = segment_changes(dumped, second)
         clobbered, by_design = self._clobbers(changes)
@@ -168,8 +175,9 @@ class Observer:
         if self.plan.kernel_entry != self.plan.entry:
             self.gdb.remove_hw_break(self.plan.kernel_entry)
         self.gdb.detach()
-        return Observation("kernel", (report1, report2), tuple(fidelity), clobbered, by_design, footprint,
-                           dumps=str(self.out))
+        return Observation(
+            "kernel", (report1, report2), tuple(fidelity), clobbered, by_design, footprint, dumps=str(self.out)
+        )
 
     def _wait_kernel_entry(self, timeout: float) -> tuple[Stop | None, Stop | None]:
         """(the breakpoint stop, None), or (None, the sample that proved the CPU halted for good), or
@@ -192,8 +200,9 @@ class Observer:
             self.gdb.cont()
         return None, None
 
-    def _clobbers(self, changes: dict[SegmentSpec, list[tuple[int, int]]]
-                  ) -> tuple[tuple[Clobber, ...], tuple[Clobber, ...]]:
+    def _clobbers(
+        self, changes: dict[SegmentSpec, list[tuple[int, int]]]
+    ) -> tuple[tuple[Clobber, ...], tuple[Clobber, ...]]:
         clobbered: list[Clobber] = []
         by_design: list[Clobber] = []
         for seg, changed in changes.items():
@@ -202,8 +211,7 @@ class Observer:
                 (by_design if seg.role == "kernel" else clobbered).append(c)
         return tuple(clobbered), tuple(by_design)
 
-    def _footprint(self, gaps: list[tuple[int, int]],
-                   changes: dict[SegmentSpec, list[tuple[int, int]]]) -> Footprint:
+    def _footprint(self, gaps: list[tuple[int, int]], changes: dict[SegmentSpec, list[tuple[int, int]]]) -> Footprint:
         """The highest byte the decompressor changed: pattern gaps and segments together."""
         highest = None
         for s, e in gaps:
@@ -216,19 +224,30 @@ class Observer:
             if changed:
                 highest = max(highest or 0, seg.start + changed[-1][1])
         top = self.plan.fill[1] if self.plan.fill else None
-        return Footprint(highest, self.plan.fill,
-                         highest is not None and top is not None and highest >= top - COALESCE)
+        return Footprint(highest, self.plan.fill, highest is not None and top is not None and highest >= top - COALESCE)
 
-    def _hung(self, phase: str, stops: tuple[StopReport, ...], fidelity: tuple[str, ...],
-              gaps: list[tuple[int, int]], first: dict[SegmentSpec, bytes] | None, waited: float,
-              deadline: float, halted: Stop | None = None) -> Observation:
+    def _hung(
+        self,
+        phase: str,
+        stops: tuple[StopReport, ...],
+        fidelity: tuple[str, ...],
+        gaps: list[tuple[int, int]],
+        first: dict[SegmentSpec, bytes] | None,
+        waited: float,
+        deadline: float,
+        halted: Stop | None = None,
+    ) -> Observation:
         """The stop never came: halt the VM (unless a sample already did), dump the segments and the RAM after
         them, quote any log lines and write the post-mortem."""
         clobbered: tuple[Clobber, ...] = ()
         by_design: tuple[Clobber, ...] = ()
         lines: tuple[str, ...] = ()
-        hang: dict[str, Any] = {"phase": phase, "deadline": round(deadline, 1), "waited": round(waited, 3),
-                                "found_by": "deadline" if halted is None else "halt check"}
+        hang: dict[str, Any] = {
+            "phase": phase,
+            "deadline": round(deadline, 1),
+            "waited": round(waited, 3),
+            "found_by": "deadline" if halted is None else "halt check",
+        }
         try:
             if halted is None:
                 halted = self.gdb.interrupt()
@@ -247,8 +266,9 @@ class Observer:
         found = replace(found, reasons=tuple(hang_reasons(found, self.plan)))
         return Observation(phase, stops, fidelity, clobbered, by_design, None, lines, str(self.out), found)
 
-    def _post_mortem(self, halted: Stop | None, window: bytes | None, gaps: list[tuple[int, int]],
-                     by_design: tuple[Clobber, ...]) -> dict[str, Any]:
+    def _post_mortem(
+        self, halted: Stop | None, window: bytes | None, gaps: list[tuple[int, int]], by_design: tuple[Clobber, ...]
+    ) -> dict[str, Any]:
         """Where the CPU is and what it wrote, for a reader without symbols (see the module docstring)."""
         if halted is None:
             return {"error": "the VM did not stop when interrupted"}
@@ -256,8 +276,13 @@ class Observer:
         cpsr = self.gdb.read_register("cpsr")
         sctlr = self.gdb.read_register("SCTLR")
         code = self.gdb.read_memory(pc & ~1, 4)
-        info: dict[str, Any] = {"pc": pc, "cpsr": cpsr, "registers": tuple(halted.regs), "insn": code[::-1].hex(),
-                                "halted_for_good": halted_for_good(code, cpsr)}
+        info: dict[str, Any] = {
+            "pc": pc,
+            "cpsr": cpsr,
+            "registers": tuple(halted.regs),
+            "insn": code[::-1].hex(),
+            "halted_for_good": halted_for_good(code, cpsr),
+        }
         if window is not None and self.plan.fill is not None:
             writes = pattern_writes(window, self.plan.fill[0], gaps)
             info["written"] = tuple(Written(s, e, tuple(regions_at(self.plan.regions, s, e))) for s, e in writes)

@@ -55,8 +55,14 @@ def free_window(lo: int, hi: int, taken: list[tuple[int, int]]) -> list[tuple[in
     return out
 
 
-def make_plan(log: KexecLog, zimage: ZImage, ram: tuple[int, int], prediction: Prediction | None,
-              files: dict[str, Path], bootargs: str | None) -> Plan:
+def make_plan(
+    log: KexecLog,
+    zimage: ZImage,
+    ram: tuple[int, int],
+    prediction: Prediction | None,
+    files: dict[str, Path],
+    bootargs: str | None,
+) -> Plan:
     """Where to stop and what to dump, from the parsed load plan."""
     if zimage.text_offset is not None:
         to, source = zimage.text_offset, "zImage tag"

@@ -24,13 +24,16 @@ HANG_COALESCE = 4096
 STRING_PROBE = 96  # bytes read at each register value that might point at a message
 # Kernel log lines worth quoting from a RAM dump after a silent hang. "Booting Linux on physical CPU" and not
 # just "Booting Linux": the zImage's EFI stub holds "Booting Linux Kernel..." as a plain string (no '%').
-LOG_PATTERNS = rb"(Error: invalid dtb[^\x00\n]*|Booting Linux on physical CPU[^\x00\n]*|Kernel panic[^\x00\n]*|" \
-               rb"Initramfs unpacking failed[^\x00\n]*|INITRD: [^\x00\n]*|Unable to handle[^\x00\n]*)"
+LOG_PATTERNS = (
+    rb"(Error: invalid dtb[^\x00\n]*|Booting Linux on physical CPU[^\x00\n]*|Kernel panic[^\x00\n]*|"
+    rb"Initramfs unpacking failed[^\x00\n]*|INITRD: [^\x00\n]*|Unable to handle[^\x00\n]*)"
+)
 
 
 @dataclass(frozen=True)
 class Written:
     """A range of the pattern window the guest wrote after the fill, and the layout regions it overlaps."""
+
     start: int
     end: int
     regions: tuple[str, ...] = ()
@@ -39,6 +42,7 @@ class Written:
 @dataclass(frozen=True)
 class Output:
     """How far the decompressed kernel got: its region [start, start + size) was written up to `end`."""
+
     start: int
     size: int
     end: int | None
@@ -67,13 +71,17 @@ class Hang:
     def to_dict(self) -> dict:
         d: dict = {"phase": self.phase, "deadline": self.deadline, "waited": self.waited, "found_by": self.found_by}
         if self.pc is not None:
-            d |= {"pc": self.pc, "cpsr": self.cpsr, "registers": list(self.registers), "insn": self.insn,
-                  "halted_for_good": self.halted_for_good}
+            d |= {
+                "pc": self.pc,
+                "cpsr": self.cpsr,
+                "registers": list(self.registers),
+                "insn": self.insn,
+                "halted_for_good": self.halted_for_good,
+            }
             if self.written is not None:
                 d["written"] = [{"start": w.start, "end": w.end, "regions": list(w.regions)} for w in self.written]
             if self.output is not None:
-                d |= {"output_start": self.output.start, "output_size": self.output.size,
-                      "output_end": self.output.end}
+                d |= {"output_start": self.output.start, "output_size": self.output.size, "output_end": self.output.end}
             if self.mmu_on:
                 d["mmu_on"] = True
             else:
@@ -102,14 +110,15 @@ def regions_at(regions: tuple[tuple[str, int, int], ...], start: int, end: int) 
     return [name for name, s, e in regions if s < end and start < e]
 
 
-def pattern_writes(window: bytes, window_start: int, gaps: list[tuple[int, int]],
-                   coalesce: int = HANG_COALESCE) -> list[tuple[int, int]]:
+def pattern_writes(
+    window: bytes, window_start: int, gaps: list[tuple[int, int]], coalesce: int = HANG_COALESCE
+) -> list[tuple[int, int]]:
     """Absolute ranges of the filled gaps (inside a dump of the window starting at `window_start`) that no
     longer hold the pattern: what the guest wrote since the fill."""
     out: list[tuple[int, int]] = []
     for s, e in gaps:
         n = (e - s) // 4 * 4
-        got = window[s - window_start:s - window_start + n]
+        got = window[s - window_start : s - window_start + n]
         for a, b in diff_ranges(PATTERN * (n // 4), got, coalesce):
             if out and s + a - out[-1][1] < coalesce:
                 out[-1] = (out[-1][0], s + b)
@@ -137,7 +146,7 @@ def string_before(data: bytes, minimum: int = 8) -> str | None:
         return None
     text = data[:-1].rsplit(b"\0", 1)[-1]
     start = len(text)
-    while start > 0 and _printable(text[start - 1:start]):
+    while start > 0 and _printable(text[start - 1 : start]):
         start -= 1
     text = text[start:]
     if len(text) < minimum:
@@ -172,8 +181,10 @@ def hang_reasons(hang: Hang, plan: Plan) -> list[str]:
     if pc is None:
         return [head + (f"; {hang.error}" if hang.error is not None else "")]
     if hang.found_by == "halt check":
-        head += (f": {hang.waited:.1f} s after the zImage entry the CPU spins in a branch-to-self at {pc:#x} "
-                 "with IRQ and FIQ masked, so it never will")
+        head += (
+            f": {hang.waited:.1f} s after the zImage entry the CPU spins in a branch-to-self at {pc:#x} "
+            "with IRQ and FIQ masked, so it never will"
+        )
     else:
         head += f"; halted after {hang.waited:.1f} s at PC {pc:#x} (instruction {hang.insn})"
         if hang.halted_for_good:
@@ -187,10 +198,15 @@ def hang_reasons(hang: Hang, plan: Plan) -> list[str]:
     # loop walked over the message (the Debian zImage's error() leaves r0 so). Strings sit back to back in
     # .rodata, so a base pointer at one string is also "just past" the one before: those are ambiguous and
     # quoted only when there is no strong clue (result.json has them all).
-    strong = [f"{reg} points just past the message {k['past']!r} (as a print loop leaves its pointer)"
-              for reg, k in hang.strings.items() if "past" in k and "at" not in k]
-    weak = [f"{reg} points at the string {k['at']!r}" if "at" in k else f"{reg} points just past {k['past']!r}"
-            for reg, k in hang.strings.items()]
+    strong = [
+        f"{reg} points just past the message {k['past']!r} (as a print loop leaves its pointer)"
+        for reg, k in hang.strings.items()
+        if "past" in k and "at" not in k
+    ]
+    weak = [
+        f"{reg} points at the string {k['at']!r}" if "at" in k else f"{reg} points just past {k['past']!r}"
+        for reg, k in hang.strings.items()
+    ]
     reasons += strong or weak
     if hang.output is not None and hang.output.size:
         end, start, size = hang.output.end, hang.output.start, hang.output.size
@@ -198,8 +214,10 @@ def hang_reasons(hang: Hang, plan: Plan) -> list[str]:
             reasons.append(f"the decompressed kernel [{start:#x}, {start + size:#x}) was not written at all")
         else:
             done = end - start
-            reasons.append(f"the decompressed kernel was written up to {end:#x}: {done:#x} of {size:#x} bytes "
-                           f"({100 * done // size}%)" + ("" if done < size else ", i.e. all of it"))
+            reasons.append(
+                f"the decompressed kernel was written up to {end:#x}: {done:#x} of {size:#x} bytes "
+                f"({100 * done // size}%)" + ("" if done < size else ", i.e. all of it")
+            )
     if hang.error is not None:
         reasons.append(hang.error)
     return reasons
@@ -210,7 +228,7 @@ def kernel_log_lines(data: bytes) -> tuple[str, ...]:
     for m in re.finditer(LOG_PATTERNS, data):
         # The kernel's .rodata holds the same words as printk formats; a format has a '%' before its NUL
         # (often on a later line), a log record has none.
-        tail = data[m.start():m.start() + 256].split(b"\0", 1)[0]
+        tail = data[m.start() : m.start() + 256].split(b"\0", 1)[0]
         line = m.group(0).decode(errors="replace").strip()
         if b"%" not in tail and line not in seen:
             seen.append(line)

@@ -31,8 +31,9 @@ class HasConsole(Protocol):
     def console(self) -> Console | None: ...
 
 
-def watch_stage2(qemu: HasConsole, start: int, mib: int, resumed_at: float | None = None,
-                 kernel_entered: bool = False) -> str:
+def watch_stage2(
+    qemu: HasConsole, start: int, mib: int, resumed_at: float | None = None, kernel_entered: bool = False
+) -> str:
     """Read the console after kexec -e until the marker, QEMU's exit, silence, or the deadline.
 
     Silence only ends the wait before the new kernel has printed anything: that is the hang this bench
@@ -51,8 +52,7 @@ def watch_stage2(qemu: HasConsole, start: int, mib: int, resumed_at: float | Non
             found = console.wait_for(STAGE2_MARKER, 1.0, "stage 2", start, fail_on_close=False)
         except ConsoleTimeout:
             quiet = time.monotonic() - max(console.last_data_at, quiet_since)
-            if (not console.no_deadlines and quiet > silence
-                    and "Booting Linux" not in console.text[start:]):
+            if not console.no_deadlines and quiet > silence and "Booting Linux" not in console.text[start:]:
                 return "silence"
             if deadline is not None and time.monotonic() > deadline:
                 return "timeout"
@@ -81,6 +81,7 @@ def kernel_log_from_ram(qemu: QemuProcess, observer: Observer) -> tuple[str, ...
 @dataclass(frozen=True)
 class RunEnd:
     """How a run ended: the verdict, and what it was made of."""
+
     verdict: Verdict
     ended_by: str  # marker | exit | silence | timeout (stage 2 watched), kernel-entry | observed (not)
     observation: Observation | None
@@ -92,9 +93,18 @@ class RunEnd:
         return self.ended_by not in ("kernel-entry", "observed")
 
 
-def finish_run(qemu: QemuProcess, observer: Observer | None, observation: Observation | None,
-               prediction: Prediction | None, judge_console: Callable[[str, str], Verdict], *, until: str,
-               start: int, mib: int, resumed_at: float | None) -> RunEnd:
+def finish_run(
+    qemu: QemuProcess,
+    observer: Observer | None,
+    observation: Observation | None,
+    prediction: Prediction | None,
+    judge_console: Callable[[str, str], Verdict],
+    *,
+    until: str,
+    start: int,
+    mib: int,
+    resumed_at: float | None,
+) -> RunEnd:
     """The end of a run after kexec -e (or replay's first stop) and the observer's stops, if any.
 
     Stage 2 is watched unless the run is layout only (`until` kernel-entry) or a stop never came (the VM was

@@ -30,7 +30,23 @@ from .placement import DEFAULT_VERSION, FAMILIES, Placement, PlacementError, loc
 from .predict import Knowns, Prediction, evaluate
 
 __all__ = [
-    "DEFAULT_VERSION", "FAMILIES", "MALLOC_USED_BOUND", "Advice", "AdviceError", "AnalyzeError", "Collision", "Knowns",
-    "Placement", "PlacementError", "Prediction", "Region", "advise", "analyze", "evaluate", "locate_hole",
-    "place", "predict", "version_family",
+    "DEFAULT_VERSION",
+    "FAMILIES",
+    "MALLOC_USED_BOUND",
+    "Advice",
+    "AdviceError",
+    "AnalyzeError",
+    "Collision",
+    "Knowns",
+    "Placement",
+    "PlacementError",
+    "Prediction",
+    "Region",
+    "advise",
+    "analyze",
+    "evaluate",
+    "locate_hole",
+    "place",
+    "predict",
+    "version_family",
 ]

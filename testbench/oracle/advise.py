@@ -37,17 +37,29 @@ def _strict_safe(p: Prediction) -> bool:
     return p.verdict == "safe" and not p.collisions
 
 
-def _try(zimage: ZImage, ram: Sequence[tuple[int, int]], version: str, size: int | None,
-         initrd_size: int | None, dtb_size: int | None, text_offset: int | None) -> Prediction | None:
+def _try(
+    zimage: ZImage,
+    ram: Sequence[tuple[int, int]],
+    version: str,
+    size: int | None,
+    initrd_size: int | None,
+    dtb_size: int | None,
+    text_offset: int | None,
+) -> Prediction | None:
     try:
         return predict(zimage, ram, version, size, initrd_size, dtb_size, text_offset)
     except UserError:
         return None  # kexec itself would refuse (no hole, overlapping segments)
 
 
-def advise(zimage: ZImage, ram_ranges: Sequence[tuple[int, int]], kexec_version: str,
-           initrd_size: int | None = None, dtb_size: int | None = None,
-           text_offset: int | None = None) -> Advice:
+def advise(
+    zimage: ZImage,
+    ram_ranges: Sequence[tuple[int, int]],
+    kexec_version: str,
+    initrd_size: int | None = None,
+    dtb_size: int | None = None,
+    text_offset: int | None = None,
+) -> Advice:
     ram = sorted(ram_ranges)
     try:
         default = predict(zimage, ram, kexec_version, None, initrd_size, dtb_size, text_offset)
@@ -56,12 +68,22 @@ def advise(zimage: ZImage, ram_ranges: Sequence[tuple[int, int]], kexec_version:
     pl = default.placement
     assert pl is not None
     if zimage.inflated_size is None:
-        raise AdviceError("the zImage has no KLSZ tag (kernel older than v4.15): its inflated size is "
-                          "unknown, so no --image-size can be derived from it")
+        raise AdviceError(
+            "the zImage has no KLSZ tag (kernel older than v4.15): its inflated size is "
+            "unknown, so no --image-size can be derived from it"
+        )
     if _strict_safe(default):
-        return Advice(False, None, None, default, default, (
-            f"kexec {pl.family} reserves {pl.image_size:#x} bytes from {pl.kernel_base:#x}; nothing the "
-            "decompressor or kernel writes reaches the initrd or DTB, so no --image-size is needed",))
+        return Advice(
+            False,
+            None,
+            None,
+            default,
+            default,
+            (
+                f"kexec {pl.family} reserves {pl.image_size:#x} bytes from {pl.kernel_base:#x}; nothing the "
+                "decompressor or kernel writes reaches the initrd or DTB, so no --image-size is needed",
+            ),
+        )
     # Start from a bound above the highest written byte of the shown scenario plus the spread of the
     # unknown decompressor constants (bss 0x1000, P 0x400, restart 0x1000); when other scenarios reach
     # higher (an unknown TEXT_OFFSET), grow the bound until every scenario is clear or kexec runs out of RAM.
@@ -75,8 +97,11 @@ def advise(zimage: ZImage, ram_ranges: Sequence[tuple[int, int]], kexec_version:
         step *= 2
         best = _try(zimage, ram, kexec_version, size, initrd_size, dtb_size, text_offset)
     if best is None or not _strict_safe(best):
-        reason = "kexec cannot place the payloads that high" if best is None else \
-            ", ".join(c.label for c in best.collisions) or best.verdict
+        reason = (
+            "kexec cannot place the payloads that high"
+            if best is None
+            else ", ".join(c.label for c in best.collisions) or best.verdict
+        )
         raise AdviceError(f"no --image-size makes this load safe in this RAM: at {size:#x}: {reason}")
     while size - PAGE > 0:
         trial = _try(zimage, ram, kexec_version, size - PAGE, initrd_size, dtb_size, text_offset)
@@ -92,8 +117,9 @@ def advise(zimage: ZImage, ram_ranges: Sequence[tuple[int, int]], kexec_version:
         f"{', '.join(c.label for c in default.collisions)}",
         f"highest byte written during decompression/boot: {written_top:#x}",
         f"--image-size {size:#x}: {rel:#x} + ALIGN({size:#x}, 4K) puts the {first.name} at {first.start:#x}"
-        f" >= {written_top:#x}" if first.start >= written_top else
-        f"--image-size {size:#x}: the {first.name} starts at {first.start:#x}, clear of every written region",
+        f" >= {written_top:#x}"
+        if first.start >= written_top
+        else f"--image-size {size:#x}: the {first.name} starts at {first.start:#x}, clear of every written region",
         f"one page less ({size - PAGE:#x}) is not safe; any value in [{size - PAGE + 1:#x}, {size:#x}] "
         "has the same effect",
     )

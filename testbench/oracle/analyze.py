@@ -27,37 +27,66 @@ def _appended_dtb8(zi: ZImage | None, family: str) -> tuple[int, list[str]]:
         return (zi.appended_dtb_size + 7) & ~7, [note]
     note = "zImage has an appended DTB; kexec-tools >= 2.0.13 cuts it off"
     if family == ">=2.0.17":
-        note += (" (but 2.0.17-2.0.21 copy its 4-byte magic, so the decompressor may take garbage for a DTB;"
-                 " not modelled)")
+        note += (
+            " (but 2.0.17-2.0.21 copy its 4-byte magic, so the decompressor may take garbage for a DTB; not modelled)"
+        )
     return 0, [note]
 
 
 def _zimage_fields(zi: ZImage) -> dict:
     return {
-        "restart": zi.restart, "reloc_pad": zi.reloc_pad, "bss_start": zi.bss_start, "bss_end": zi.bss_end,
-        "stack_end": zi.stack_end, "malloc_size": zi.malloc_size, "efi_stub": zi.efi_stub,
+        "restart": zi.restart,
+        "reloc_pad": zi.reloc_pad,
+        "bss_start": zi.bss_start,
+        "bss_end": zi.bss_end,
+        "stack_end": zi.stack_end,
+        "malloc_size": zi.malloc_size,
+        "efi_stub": zi.efi_stub,
         "text_offset": zi.text_offset,
     }
 
 
-def predict(zimage: ZImage, ram_ranges: Sequence[tuple[int, int]], kexec_version: str,
-            image_size: int | None = None, initrd_size: int | None = None, dtb_size: int | None = None,
-            text_offset: int | None = None) -> Prediction:
+def predict(
+    zimage: ZImage,
+    ram_ranges: Sequence[tuple[int, int]],
+    kexec_version: str,
+    image_size: int | None = None,
+    initrd_size: int | None = None,
+    dtb_size: int | None = None,
+    text_offset: int | None = None,
+) -> Prediction:
     """What kexec-tools `kexec_version` would do with this zImage, and whether the boot survives it."""
     family = version_family(kexec_version)
     ram = tuple(sorted((int(s), int(e)) for s, e in ram_ranges))
     if not ram:
         raise AnalyzeError("no RAM ranges given")
-    pl = place(ram, family, zimage.size, zimage.data_size, zimage.inflated_size, zimage.kernel_bss,
-               image_size, initrd_size or None, dtb_size)
+    pl = place(
+        ram,
+        family,
+        zimage.size,
+        zimage.data_size,
+        zimage.inflated_size,
+        zimage.kernel_bss,
+        image_size,
+        initrd_size or None,
+        dtb_size,
+    )
     dtb8, notes = _appended_dtb8(zimage, family)
     fields = _zimage_fields(zimage)
     if text_offset is not None:
         fields["text_offset"] = text_offset
     k = Knowns(
-        ram=ram, load=pl.kernel_base, z=zimage.size, inflated=zimage.inflated_size,
-        kernel_bss=zimage.kernel_bss, dtb8=dtb8, initrd=pl.initrd, dtb=pl.dtb,
-        zimage_len=pl.kernel_memsz, assumptions=tuple(notes), **fields,
+        ram=ram,
+        load=pl.kernel_base,
+        z=zimage.size,
+        inflated=zimage.inflated_size,
+        kernel_bss=zimage.kernel_bss,
+        dtb8=dtb8,
+        initrd=pl.initrd,
+        dtb=pl.dtb,
+        zimage_len=pl.kernel_memsz,
+        assumptions=tuple(notes),
+        **fields,
     )
     p = evaluate(k, pl)
     return replace(p, details={"kexec_family": family, "image_size": pl.image_size})
@@ -67,11 +96,14 @@ def _kernel_segment(log: KexecLog, load: int | None) -> Segment | None:
     return next((s for s in log.segments if s.mem is not None and s.mem == load), None)
 
 
-def _payloads_from_segments(log: KexecLog, load: int) -> tuple[tuple[int, int] | None, tuple[int, int] | None,
-                                                               list[str]]:
+def _payloads_from_segments(
+    log: KexecLog, load: int
+) -> tuple[tuple[int, int] | None, tuple[int, int] | None, list[str]]:
     """Without Initrd:/DT lines: the DTB is the highest other segment, the initrd the one below it."""
-    others = sorted((s for s in log.segments if s.mem is not None and s.mem != load and s.bufsz is not None),
-                    key=lambda s: s.mem or 0)
+    others = sorted(
+        (s for s in log.segments if s.mem is not None and s.mem != load and s.bufsz is not None),
+        key=lambda s: s.mem or 0,
+    )
     others = [s for s in others if s.mem != load - 0x8000 + 0x1000]  # ATAGs at base + 0x1000
     notes = []
     dtb = initrd = None
@@ -86,8 +118,9 @@ def _payloads_from_segments(log: KexecLog, load: int) -> tuple[tuple[int, int] |
     return initrd, dtb, notes  # type: ignore[return-value]
 
 
-def _infer_text_offset(copy: tuple[int, int, int], load: int, inflated: int,
-                       ram: tuple[tuple[int, int], ...] | None) -> int | None:
+def _infer_text_offset(
+    copy: tuple[int, int, int], load: int, inflated: int, ram: tuple[tuple[int, int], ...] | None
+) -> int | None:
     """The C: line's destination is (K + I + P) & ~255; keep the one TEXT_OFFSET giving a sane P."""
     from .footprint import kernel_address
 
@@ -99,8 +132,9 @@ def _infer_text_offset(copy: tuple[int, int, int], load: int, inflated: int,
     return fits[0] if len(fits) == 1 else None
 
 
-def analyze(log: KexecLog, zimage: ZImage | None = None, text_offset: int | None = None,
-            kexec_version: str | None = None) -> Prediction:
+def analyze(
+    log: KexecLog, zimage: ZImage | None = None, text_offset: int | None = None, kexec_version: str | None = None
+) -> Prediction:
     """Evaluate an observed load. Values in the log win; the zImage fills what the log lacks."""
     notes: list[str] = []
     ram = tuple(log.memory_ranges) or None
@@ -108,10 +142,12 @@ def analyze(log: KexecLog, zimage: ZImage | None = None, text_offset: int | None
         notes.append("no MEMORY RANGES in the log: writes outside RAM are not checked")
     load = log.kernel.address if log.kernel else log.entry
     if load is None:
-        raise AnalyzeError("the log shows neither a 'Kernel:' line nor an entry address: "
-                           "cannot place the zImage")
-    family = version_family(kexec_version) if kexec_version else (
-        version_family(log.kexec_version) if log.kexec_version else log.format)
+        raise AnalyzeError("the log shows neither a 'Kernel:' line nor an entry address: cannot place the zImage")
+    family = (
+        version_family(kexec_version)
+        if kexec_version
+        else (version_family(log.kexec_version) if log.kexec_version else log.format)
+    )
     if family not in FAMILIES:
         family = ">=2.0.17"
     kseg = _kernel_segment(log, load)
@@ -126,8 +162,10 @@ def analyze(log: KexecLog, zimage: ZImage | None = None, text_offset: int | None
     inflated, kbss = log.text_data, log.bss
     if zimage is not None:
         if inflated is not None and zimage.inflated_size not in (None, inflated):
-            notes.append(f"log text+data {inflated:#x} differs from the zImage's {zimage.inflated_size:#x}: "
-                         "is --zimage the file that was loaded? using the log")
+            notes.append(
+                f"log text+data {inflated:#x} differs from the zImage's {zimage.inflated_size:#x}: "
+                "is --zimage the file that was loaded? using the log"
+            )
         if zimage.size != z:
             notes.append(f"log zImage size {z:#x} differs from the file's {zimage.size:#x}; using the log")
         inflated = inflated if inflated is not None else zimage.inflated_size
@@ -139,14 +177,15 @@ def analyze(log: KexecLog, zimage: ZImage | None = None, text_offset: int | None
     if log.decompressor_copy is not None:
         c = log.decompressor_copy
         copy = (c.src_start, c.dst_start, c.dst_end)
-        notes.append(f"relocation taken from the decompressor's C: line: {c.src_start:#x} -> "
-                     f"{c.dst_start:#x}")
+        notes.append(f"relocation taken from the decompressor's C: line: {c.src_start:#x} -> {c.dst_start:#x}")
         if fields.get("text_offset") is None and inflated is not None:
             to = _infer_text_offset(copy, load, inflated, ram)
             if to is not None:
                 fields["text_offset"] = to
-                notes.append(f"TEXT_OFFSET {to:#x} inferred from the C: line (the only value giving a "
-                             "relocation pad in 0x100..0x2000)")
+                notes.append(
+                    f"TEXT_OFFSET {to:#x} inferred from the C: line (the only value giving a "
+                    "relocation pad in 0x100..0x2000)"
+                )
     initrd = (log.initrd.address, log.initrd.size) if log.initrd else None
     dtb = (log.dtb.address, log.dtb.size) if log.dtb else None
     if log.initrd is None and log.dtb is None and log.segments:
@@ -155,8 +194,20 @@ def analyze(log: KexecLog, zimage: ZImage | None = None, text_offset: int | None
     dtb8, more = _appended_dtb8(zimage, family)
     notes += more
     zlen = kseg.memsz if kseg is not None and kseg.memsz else ((z + 4 + PAGE - 1) & -PAGE)
-    k = Knowns(ram=ram, load=load, z=z, inflated=inflated, kernel_bss=kbss, dtb8=dtb8, copy=copy,
-               initrd=initrd, dtb=dtb, zimage_len=zlen, assumptions=tuple(notes), **fields)
+    k = Knowns(
+        ram=ram,
+        load=load,
+        z=z,
+        inflated=inflated,
+        kernel_bss=kbss,
+        dtb8=dtb8,
+        copy=copy,
+        initrd=initrd,
+        dtb=dtb,
+        zimage_len=zlen,
+        assumptions=tuple(notes),
+        **fields,
+    )
     p = evaluate(k, _placement_from_log(log, load, family))
     return replace(p, details={"kexec_family": family})
 
@@ -165,6 +216,12 @@ def _placement_from_log(log: KexecLog, load: int, family: str) -> Placement | No
     if log.kernel is None:
         return None
     kseg = _kernel_segment(log, load)
-    return Placement(family, load - 0x8000, load, kseg.memsz if kseg and kseg.memsz else 0, log.kernel.size,
-                     (log.initrd.address, log.initrd.size) if log.initrd else None,
-                     (log.dtb.address, log.dtb.size) if log.dtb else None)
+    return Placement(
+        family,
+        load - 0x8000,
+        load,
+        kseg.memsz if kseg and kseg.memsz else 0,
+        log.kernel.size,
+        (log.initrd.address, log.initrd.size) if log.initrd else None,
+        (log.dtb.address, log.dtb.size) if log.dtb else None,
+    )

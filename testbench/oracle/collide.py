@@ -69,8 +69,11 @@ def _severity(name: str, lo: int, malloc_start: int | None) -> str:
     return "fatal"
 
 
-def find_collisions(written: Sequence[tuple[str, int, int]], payloads: Sequence[tuple[str, int, int]],
-                    ram: Sequence[tuple[int, int]] | None) -> list[Collision]:
+def find_collisions(
+    written: Sequence[tuple[str, int, int]],
+    payloads: Sequence[tuple[str, int, int]],
+    ram: Sequence[tuple[int, int]] | None,
+) -> list[Collision]:
     """Every overlap of a written region with a payload, plus written bytes outside RAM (if RAM is known)."""
     malloc_start = next((s for n, s, _ in written if n == MALLOC_REGION), None)
     out: list[Collision] = []

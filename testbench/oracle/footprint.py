@@ -43,8 +43,9 @@ def kernel_address(load: int, text_offset: int, ram: Sequence[tuple[int, int]] |
     return guess + text_offset
 
 
-def footprint(load: int, kaddr: int, inflated: int, kernel_bss: int, d: Decomp,
-              copy: tuple[int, int, int] | None = None) -> list[tuple[str, int, int]]:
+def footprint(
+    load: int, kaddr: int, inflated: int, kernel_bss: int, d: Decomp, copy: tuple[int, int, int] | None = None
+) -> list[tuple[str, int, int]]:
     """Written regions during decompression and early boot.
 
     `copy` = (src_start, dst_start, dst_end) from an observed `C:` line overrides the computed copy.

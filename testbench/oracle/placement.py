@@ -88,8 +88,9 @@ def subtract_ranges(pieces: Ranges, cuts: Ranges) -> list[tuple[int, int]]:
     return left
 
 
-def locate_hole(ram: Ranges, used: Ranges, size: int, min_addr: int, align: int = PAGE,
-                max_addr: int = ULONG_MAX) -> int | None:
+def locate_hole(
+    ram: Ranges, used: Ranges, size: int, min_addr: int, align: int = PAGE, max_addr: int = ULONG_MAX
+) -> int | None:
     """Lowest `align`-aligned start >= min_addr of `size` free bytes; None when there is none."""
     for start, end in ram:
         if not used:  # the kernel and initrd searches: nothing added yet
@@ -109,14 +110,23 @@ def locate_hole(ram: Ranges, used: Ranges, size: int, min_addr: int, align: int 
 def _hole(ram: Ranges, used: Ranges, size: int, min_addr: int, what: str) -> int:
     at = locate_hole(ram, used, size, min_addr)
     if at is None:
-        raise PlacementError(f"kexec: could not find a free area of memory of {size:#x} bytes for the {what} "
-                             f"above {min_addr:#x}")
+        raise PlacementError(
+            f"kexec: could not find a free area of memory of {size:#x} bytes for the {what} above {min_addr:#x}"
+        )
     return at
 
 
-def place(ram: Ranges, family: str, zimage_size: int, file_size: int, inflated: int | None,
-          kernel_bss: int | None, image_size: int | None, initrd_size: int | None,
-          dtb_size: int | None) -> Placement:
+def place(
+    ram: Ranges,
+    family: str,
+    zimage_size: int,
+    file_size: int,
+    inflated: int | None,
+    kernel_bss: int | None,
+    image_size: int | None,
+    initrd_size: int | None,
+    dtb_size: int | None,
+) -> Placement:
     """Reproduce kexec-tools' arithmetic. `family` is one of FAMILIES; sizes of None mean 'not given'."""
     if len(ram) > 1:
         ram = sorted(ram)
@@ -170,8 +180,10 @@ def place(ram: Ranges, family: str, zimage_size: int, file_size: int, inflated: 
     kend = kbase + memsz
     for name, seg in (("initrd", initrd), ("DTB", dtb)):
         if seg is not None and seg[0] < kend and kbase < seg[0] + align_up(seg[1], PAGE):
-            raise PlacementError(f"kexec would refuse the load: the kernel and {name} segments overlap "
-                                 f"(--image-size {size:#x} is smaller than the kernel)")
+            raise PlacementError(
+                f"kexec would refuse the load: the kernel and {name} segments overlap "
+                f"(--image-size {size:#x} is smaller than the kernel)"
+            )
     if initrd and dtb and dtb[0] < initrd[0] + align_up(initrd[1], PAGE) and initrd[0] < dtb[0] + dtb[1]:
         raise PlacementError("kexec would refuse the load: the initrd and DTB segments overlap")
     return Placement(family, base, kbase, memsz, size, initrd, dtb)

@@ -90,8 +90,10 @@ def _dimensions(k: Knowns) -> tuple[dict[str, tuple[int, ...]], list[str]]:
         dims["TEXT_OFFSET"] = (k.text_offset,)
     else:
         dims["TEXT_OFFSET"] = TEXT_OFFSETS
-        notes.append(f"TEXT_OFFSET unknown (no TEXT_OFFSET tag word, no --text-offset): shown as 0x8000, "
-                     f"also tried {_hexs(TEXT_OFFSETS[1:])}")
+        notes.append(
+            f"TEXT_OFFSET unknown (no TEXT_OFFSET tag word, no --text-offset): shown as 0x8000, "
+            f"also tried {_hexs(TEXT_OFFSETS[1:])}"
+        )
     if k.copy is not None:
         dims["restart"] = ((k.copy[0] - k.load) & ~31,)
         dims["P"] = (0,)  # unused: the C: line gives the destination
@@ -103,8 +105,10 @@ def _dimensions(k: Knowns) -> tuple[dict[str, tuple[int, ...]], list[str]]:
             notes.append("restart unknown: restart & ~31 taken as 0xC0 (no EFI stub) and 0x10A0 (EFI stub)")
         else:
             dims["restart"] = (R_EFI if k.efi_stub else R_NO_EFI,)
-            notes.append(f"restart not found in the binary: restart & ~31 taken as {dims['restart'][0]:#x} "
-                         f"({'EFI stub' if k.efi_stub else 'no EFI stub'} build)")
+            notes.append(
+                f"restart not found in the binary: restart & ~31 taken as {dims['restart'][0]:#x} "
+                f"({'EFI stub' if k.efi_stub else 'no EFI stub'} build)"
+            )
         if k.reloc_pad is not None:
             dims["P"] = (k.reloc_pad,)
         else:
@@ -114,8 +118,9 @@ def _dimensions(k: Knowns) -> tuple[dict[str, tuple[int, ...]], list[str]]:
         dims["decompressor bss"] = (k.bss_end - (k.bss_start if k.bss_start is not None else k.z),)
     else:
         dims["decompressor bss"] = BSS_RANGE
-        notes.append("decompressor bss unknown: shown as 0 (ranges above the copy move up by ALIGN8(bss)), "
-                     "also tried 0x1000")
+        notes.append(
+            "decompressor bss unknown: shown as 0 (ranges above the copy move up by ALIGN8(bss)), also tried 0x1000"
+        )
     if k.malloc_size is None:
         notes.append("MALLOC_SIZE taken as 0x10000 (its value in every kernel so far)")
     return dims, notes
@@ -158,9 +163,15 @@ def _static_regions(k: Knowns) -> list[Region]:
 def evaluate(k: Knowns, placement: Placement | None = None) -> Prediction:
     """Verdict over every combination of the unknown inputs."""
     if k.inflated is None or k.kernel_bss is None:
-        return Prediction("unknown", tuple(_static_regions(k)), (), k.assumptions,
-                          ("inflated kernel size and kernel bss (no KLSZ tag in the log; give --zimage)",),
-                          placement, 0)
+        return Prediction(
+            "unknown",
+            tuple(_static_regions(k)),
+            (),
+            k.assumptions,
+            ("inflated kernel size and kernel bss (no KLSZ tag in the log; give --zimage)",),
+            placement,
+            0,
+        )
     dims, notes = _dimensions(k)
     names = list(dims)
     outcome: dict[tuple[int, ...], str] = {}
@@ -177,8 +188,7 @@ def evaluate(k: Knowns, placement: Placement | None = None) -> Prediction:
     if verdict == "unknown":
         bad_combo = {c: o == "fatal" for c, o in outcome.items()}
         for i, name in enumerate(names):
-            flips = any(bad_combo[c] != bad_combo[c[:i] + (v,) + c[i + 1:]]
-                        for c in outcome for v in dims[name])
+            flips = any(bad_combo[c] != bad_combo[c[:i] + (v,) + c[i + 1 :]] for c in outcome for v in dims[name])
             if not flips:
                 continue
             good = [v for v in dims[name] if not any(b for c, b in bad_combo.items() if c[i] == v)]
@@ -188,5 +198,6 @@ def evaluate(k: Knowns, placement: Placement | None = None) -> Prediction:
             undecided.append(text + (f"; depends on the rest for {_hexs(mixed)}" if mixed else ""))
     written, cols = nominal
     regions = _static_regions(k) + [Region(n, s, e, "written") for n, s, e in written if e > s]
-    return Prediction(verdict, tuple(regions), tuple(cols), (*k.assumptions, *notes), tuple(undecided),
-                      placement, len(outcome))
+    return Prediction(
+        verdict, tuple(regions), tuple(cols), (*k.assumptions, *notes), tuple(undecided), placement, len(outcome)
+    )

@@ -21,19 +21,22 @@ def repro_script(spec: QemuSpec) -> str:
     """repro.sh for a case whose stage 1 is `spec`."""
     hand = qemu_args(spec.__class__(**{**spec.__dict__, "append": spec.append + " tb.autorun"}), None)
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.machine.env)
-    return "\n".join([
-        "#!/bin/sh",
-        "# Reruns this case by hand with the console on this terminal (quit QEMU with Ctrl-A X).",
-        "# Stage 1 boots with tb.autorun and runs share/autorun.sh: the same commands the bench typed,",
-        "# ending with kexec -e. Edit share/autorun.sh to change the kexec arguments.",
-        'cd "$(dirname "$0")" || exit 1',
-        f"exec {'env ' + env + ' ' if env else ''}{shlex.join(hand)}",
-        "",
-    ])
+    return "\n".join(
+        [
+            "#!/bin/sh",
+            "# Reruns this case by hand with the console on this terminal (quit QEMU with Ctrl-A X).",
+            "# Stage 1 boots with tb.autorun and runs share/autorun.sh: the same commands the bench typed,",
+            "# ending with kexec -e. Edit share/autorun.sh to change the kexec arguments.",
+            'cd "$(dirname "$0")" || exit 1',
+            f"exec {'env ' + env + ' ' if env else ''}{shlex.join(hand)}",
+            "",
+        ]
+    )
 
 
-def write_case_artifacts(out: Path, share: Path, stage1: QemuSpec, result: dict, commands: list[str],
-                         title: str) -> None:
+def write_case_artifacts(
+    out: Path, share: Path, stage1: QemuSpec, result: dict, commands: list[str], title: str
+) -> None:
     """A case dir's files beside the console log: what the guest wrote to the share, the commands, repro.sh,
     layout.svg (titled `title`) and `result` (CaseResult.to_dict()) as result.json."""
     for name in ("kexec-debug.txt", "iomem.txt", "board.dtb"):

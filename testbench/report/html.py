@@ -13,19 +13,24 @@ ARTIFACTS = ("layout.svg", "console.log", "result.json", "repro.sh", "kexec-debu
 def _row(out: Path, result: dict) -> str:
     cell = result["cell"]
     cell_dir = cell["id"]
-    links = " ".join(f'<a href="{escape(cell_dir)}/{name}">{name.split(".")[0]}</a>' for name in ARTIFACTS
-                     if (out / cell_dir / name).exists())
+    links = " ".join(
+        f'<a href="{escape(cell_dir)}/{name}">{name.split(".")[0]}</a>'
+        for name in ARTIFACTS
+        if (out / cell_dir / name).exists()
+    )
     thumb = ""
     if (out / cell_dir / "layout.svg").exists():
         thumb = f'<a href="{escape(cell_dir)}/layout.svg"><img src="{escape(cell_dir)}/layout.svg" width="120"></a>'
     expected = "" if result.get("expected_ok", True) else f' <b title="expected">(expected {cell["expect"]})</b>'
     reasons = "<br>".join(escape(r) for r in result.get("reasons", [])[:3])
     seconds = result.get("wall_seconds") or result.get("timings", {}).get("total", 0)
-    return (f'<tr style="background:{COLOURS.get(result["verdict"], "#fff")}">'
-            f'<td>{escape(cell["id"])}</td><td>{escape(cell["machine"])}</td><td>{escape(cell["ram"])}</td>'
-            f'<td>{escape(cell["initrd"])}</td><td>{escape(cell["placement"])}</td>'
-            f'<td><b>{escape(result["verdict"])}</b>{expected}</td><td>{escape(result.get("phase", ""))}</td>'
-            f'<td>{seconds:.1f}s</td><td class="r">{reasons}</td><td>{thumb}</td><td>{links}</td></tr>')
+    return (
+        f'<tr style="background:{COLOURS.get(result["verdict"], "#fff")}">'
+        f"<td>{escape(cell['id'])}</td><td>{escape(cell['machine'])}</td><td>{escape(cell['ram'])}</td>"
+        f"<td>{escape(cell['initrd'])}</td><td>{escape(cell['placement'])}</td>"
+        f"<td><b>{escape(result['verdict'])}</b>{expected}</td><td>{escape(result.get('phase', ''))}</td>"
+        f'<td>{seconds:.1f}s</td><td class="r">{reasons}</td><td>{thumb}</td><td>{links}</td></tr>'
+    )
 
 
 def write_matrix_report(out: Path, results: list[dict], summary: dict) -> Path:

@@ -10,8 +10,9 @@ import pytest
 
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "testbench.cli", "run", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "testbench.cli", "run", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def _assert_clean_error(done: subprocess.CompletedProcess, *needles: str) -> None:
@@ -29,8 +30,9 @@ def x86_binary() -> Path:
 
 
 def test_missing_kernel_file(tmp_path):
-    _assert_clean_error(_run("--machine", "virt", "--kernel", str(tmp_path / "nope"), "--out", str(tmp_path / "o")),
-                        "no such file")
+    _assert_clean_error(
+        _run("--machine", "virt", "--kernel", str(tmp_path / "nope"), "--out", str(tmp_path / "o")), "no such file"
+    )
 
 
 def test_kernel_that_is_not_a_zimage(tmp_path):
@@ -40,8 +42,9 @@ def test_kernel_that_is_not_a_zimage(tmp_path):
 
 
 def test_kexec_that_is_not_arm(tmp_path, x86_binary):
-    _assert_clean_error(_run("--machine", "virt", "--kexec", str(x86_binary), "--out", str(tmp_path / "o")),
-                        "not 32-bit ARM")
+    _assert_clean_error(
+        _run("--machine", "virt", "--kexec", str(x86_binary), "--out", str(tmp_path / "o")), "not 32-bit ARM"
+    )
 
 
 def test_kexec_that_is_not_elf(tmp_path):
@@ -51,8 +54,9 @@ def test_kexec_that_is_not_elf(tmp_path):
 
 
 def test_ram_above_machine_maximum(tmp_path):
-    _assert_clean_error(_run("--machine", "vexpress-a9", "--ram", "2G", "--out", str(tmp_path / "o")),
-                        "vexpress-a9", "maximum")
+    _assert_clean_error(
+        _run("--machine", "vexpress-a9", "--ram", "2G", "--out", str(tmp_path / "o")), "vexpress-a9", "maximum"
+    )
 
 
 def test_unknown_machine(tmp_path):
@@ -60,8 +64,10 @@ def test_unknown_machine(tmp_path):
 
 
 def test_initrd_bigger_than_ram(tmp_path):
-    _assert_clean_error(_run("--machine", "virt", "--ram", "256M", "--initrd-size", "300M",
-                             "--out", str(tmp_path / "o")), "does not fit")
+    _assert_clean_error(
+        _run("--machine", "virt", "--ram", "256M", "--initrd-size", "300M", "--out", str(tmp_path / "o")),
+        "does not fit",
+    )
 
 
 def test_unreadable_size(tmp_path):
@@ -81,5 +87,6 @@ def test_qemu_missing(tmp_path):
 
 def test_offline_with_missing_cache(tmp_path):
     env = dict(os.environ, TESTBENCH_OFFLINE="1", TESTBENCH_CACHE=str(tmp_path / "empty-cache"))
-    _assert_clean_error(_run("--machine", "virt", "--out", str(tmp_path / "o"), env=env),
-                        "no bookworm images in the cache")
+    _assert_clean_error(
+        _run("--machine", "virt", "--out", str(tmp_path / "o"), env=env), "no bookworm images in the cache"
+    )

@@ -26,8 +26,13 @@ EM_AARCH64 = 183
 
 
 def _run(out: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "testbench.cli", "run", "--machine", "virt", "--out", str(out),
-                           *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "testbench.cli", "run", "--machine", "virt", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def _assert_refused(done: subprocess.CompletedProcess[str], out: Path, *needles: str) -> str:
@@ -117,8 +122,11 @@ def _tmpfs(where: Path, options: str) -> Iterator[Path]:
     """A private tmpfs mount. Tests run as root, so mode bits (chmod 0o555) do not stop writes: only a
     read-only or full filesystem really fails for root."""
     where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, f"tb-{uuid.uuid4().hex[:8]}", str(where)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, f"tb-{uuid.uuid4().hex[:8]}", str(where)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {done.stderr.strip()}")
     try:

@@ -35,8 +35,9 @@ def outcome(result) -> dict:
         "phase": result.verdict.phase,
         "kexec_rc": result.kexec_rc,
         "loader_version": result.loader_version,
-        "placement": {role: (load[role]["address"], load[role]["size"])
-                      for role in ("kernel", "initrd", "dtb") if role in load},
+        "placement": {
+            role: (load[role]["address"], load[role]["size"]) for role in ("kernel", "initrd", "dtb") if role in load
+        },
         "segments": [(s["mem"], s["memsz"]) for s in load.get("segments", [])],
     }
 
@@ -55,8 +56,9 @@ def test_built_and_debian_kexec_agree(built_kexec, run_kexec_case, images, tmp_p
 
     args = CASES[case]
     m = get_machine("virt")
-    debian = run_case(prepare_case(CaseRequest(machine=m, ram=m.default_ram, out=tmp_path / "debian",
-                                               kexec_args=args), images))
+    debian = run_case(
+        prepare_case(CaseRequest(machine=m, ram=m.default_ram, out=tmp_path / "debian", kexec_args=args), images)
+    )
     built = run_kexec_case("virt", kexec=built_kexec, kexec_args=args)
     assert built.verdict.verdict != "error", built.verdict
     assert outcome(built) == outcome(debian)

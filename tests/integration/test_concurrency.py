@@ -37,9 +37,16 @@ def test_two_runs_at_once_on_one_fresh_cache(tmp_path: Path, images: Images) -> 
     env = {**os.environ, "TESTBENCH_CACHE": str(cache)}
     outs = [tmp_path / f"run{i}" for i in (1, 2)]
     started = time.monotonic()
-    runners = [subprocess.Popen([sys.executable, "-m", "testbench.cli", "run", "--machine", "virt", ROOMY,
-                                 "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=env) for out in outs]
+    runners = [
+        subprocess.Popen(
+            [sys.executable, "-m", "testbench.cli", "run", "--machine", "virt", ROOMY, "--out", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for out in outs
+    ]
     try:
         results = [r.communicate(timeout=600) for r in runners]
     finally:
@@ -54,8 +61,11 @@ def test_two_runs_at_once_on_one_fresh_cache(tmp_path: Path, images: Images) -> 
         assert result["stage2"]["payload_sha256"], result["stage2"]
         assert result["inputs"]["kernel"]["sha256"] == sha256_file(images.zimage)
         # Where the Debian inputs came from: the default suite, exactly as locked.
-        assert result["inputs"]["debian"] == {"suite": "bookworm", "lock_sha256": read_lock().suite(None).sha256,
-                                              "drift": []}
+        assert result["inputs"]["debian"] == {
+            "suite": "bookworm",
+            "lock_sha256": read_lock().suite(None).sha256,
+            "drift": [],
+        }
     # One shared build of each guest image, no temp files left from the race.
     assert len(list((cache / "initramfs").glob("*.cpio.gz"))) == 2
     assert not [p.name for p in (cache / "initramfs").iterdir() if p.name.startswith(".")]
@@ -113,8 +123,9 @@ def _damage(cache: Path, manifest: dict, name: str) -> tuple[Path, Path]:
     return deb, tree
 
 
-def test_parallel_fetches_repair_a_damaged_cache_once(tmp_path: Path, images: Images, fake_mirror: dict,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_parallel_fetches_repair_a_damaged_cache_once(
+    tmp_path: Path, images: Images, fake_mirror: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache = tmp_path / "cache"
     manifest = fake_mirror["manifest"]
     mirror_cache(images.root, cache)
@@ -150,8 +161,9 @@ def test_parallel_fetches_repair_a_damaged_cache_once(tmp_path: Path, images: Im
     assert not [p for p in (cache / "debs").iterdir() if p.is_dir()], "temp download dirs left behind"
 
 
-def test_a_bad_download_is_refused_and_the_manifest_kept(tmp_path: Path, images: Images, fake_mirror: dict,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bad_download_is_refused_and_the_manifest_kept(
+    tmp_path: Path, images: Images, fake_mirror: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache = tmp_path / "cache"
     mirror_cache(images.root, cache)
     deb, _ = _damage(cache, fake_mirror["manifest"], "libuuid1")

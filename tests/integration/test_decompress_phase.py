@@ -23,7 +23,8 @@ import pytest
 from debian_kernel import package_facts
 
 from testbench.emulator.console import timeout_factor
-from testbench.replay import ReplayRequest, replay, request_from_args
+from testbench.replay import ReplayRequest, replay
+from testbench.replay_cli import request_from_args
 
 TEXT_OFFSET = 0x208000
 XZ_DATA_ERROR = "XZ-compressed data is corrupt"
@@ -32,9 +33,23 @@ VIRT_BASE = 0x40000000
 
 
 def _args(out: Path, kernel: Path, **kw) -> ReplayRequest:
-    base = dict(machine="virt", ram=None, kernel=str(kernel), initrd=None, initrd_size=None, seed=1, dtb=None,
-                kernel_at="+0x8000", initrd_at=None, dtb_at="+0x2800000", from_log=None, until=None,
-                decompress_deadline=None, no_halt_check=False, out=str(out))
+    base = dict(
+        machine="virt",
+        ram=None,
+        kernel=str(kernel),
+        initrd=None,
+        initrd_size=None,
+        seed=1,
+        dtb=None,
+        kernel_at="+0x8000",
+        initrd_at=None,
+        dtb_at="+0x2800000",
+        from_log=None,
+        until=None,
+        decompress_deadline=None,
+        no_halt_check=False,
+        out=str(out),
+    )
     return request_from_args(argparse.Namespace(**(base | kw)))
 
 
@@ -64,7 +79,8 @@ def test_corrupt_payload_is_the_decompress_phase(halted):
     stops = {s["name"]: s for s in halted["observed"]["stops"]}
     assert stops["zimage"]["reached"] and not stops["kernel"]["reached"]
     assert halted["reasons"][0].startswith(
-        f"the kernel entry {VIRT_BASE + TEXT_OFFSET:#x} never came within the decompress deadline")
+        f"the kernel entry {VIRT_BASE + TEXT_OFFSET:#x} never came within the decompress deadline"
+    )
     # Nothing of the layout was damaged, and the oracle (no collision for this layout) agrees.
     assert halted["observed"]["clobbered"] == []
     assert halted["oracle_agrees"] is True, halted["oracle_difference"]
@@ -83,7 +99,7 @@ def test_the_post_mortem_finds_the_halt_loop_in_the_relocated_decompressor(halte
     assert hang["halted_for_good"] is True and "never will" in halted["reasons"][0]
     # The PC's bytes were found in the zImage file: there they are a `b .`.
     image = corrupt_zimage.read_bytes()
-    assert image[hang["zimage_offset"]:hang["zimage_offset"] + 4] == ARM_B_SELF
+    assert image[hang["zimage_offset"] : hang["zimage_offset"] + 4] == ARM_B_SELF
     # The loop runs from the relocated copy, which sits just above the kernel being inflated (the copy
     # starts with the code after the relocation, so file offset 0 itself maps a little below the end).
     kernel_end = VIRT_BASE + TEXT_OFFSET + _inflated(images)
@@ -106,8 +122,11 @@ def test_the_post_mortem_quotes_the_decoder_error_and_how_far_the_output_got(hal
 def test_the_hung_state_is_dumped(halted):
     dumps = Path(halted["observed"]["dumps"])
     names = {p.name for p in dumps.iterdir()}
-    assert {"hung-decompress-kernel-40008000.bin", "hung-decompress-dtb-42800000.bin",
-            "hung-decompress-ram.bin"} <= names, names
+    assert {
+        "hung-decompress-kernel-40008000.bin",
+        "hung-decompress-dtb-42800000.bin",
+        "hung-decompress-ram.bin",
+    } <= names, names
     on_disk = json.loads((dumps.parent / "result.json").read_text())
     assert on_disk["phase"] == "decompress" and on_disk["observed"]["hang"]["pc"] == _hang(halted)["pc"]
 
@@ -120,7 +139,8 @@ def test_without_the_halt_check_the_deadline_ends_the_wait_at_the_same_loop(halt
     assert result["phase"] == "decompress" and hang["deadline"] == round(deadline, 1)
     assert result["reasons"][0].startswith(
         f"the kernel entry {VIRT_BASE + TEXT_OFFSET:#x} never came within the decompress deadline "
-        f"({deadline:.0f} s); halted after")
+        f"({deadline:.0f} s); halted after"
+    )
     # The deadline was waited out, and the CPU was found where the halt check found it.
     assert hang["waited"] >= deadline
     assert hang["pc"] == _hang(halted)["pc"] and hang["insn"] == "eafffffe"
@@ -130,13 +150,13 @@ def test_without_the_halt_check_the_deadline_ends_the_wait_at_the_same_loop(halt
 def test_run_observe_through_kexec_reports_the_decompress_phase(run_kexec_case, corrupt_zimage):
     """The same zImage through stage 1 and a real kexec -e, with a safe placement (DOMAIN 8.3): only the
     payload damage can stop it."""
-    result = run_kexec_case("virt", kernel=corrupt_zimage, kexec_args=("--image-size=0x2000000",),
-                            observe=True)
+    result = run_kexec_case("virt", kernel=corrupt_zimage, kexec_args=("--image-size=0x2000000",), observe=True)
     assert result.verdict.verdict == "fail" and result.verdict.phase == "decompress", result.verdict
     assert result.observed["stops"][0]["reached"] and not result.observed["stops"][1]["reached"]
     assert result.observed["clobbered"] == []
     reasons = result.verdict.reasons
-    assert reasons[0].startswith(f"the kernel entry {VIRT_BASE + TEXT_OFFSET:#x} never came within the "
-                                 "decompress deadline")
+    assert reasons[0].startswith(
+        f"the kernel entry {VIRT_BASE + TEXT_OFFSET:#x} never came within the decompress deadline"
+    )
     assert any(XZ_DATA_ERROR in r for r in reasons), reasons
     assert "stop_zimage" in result.timings and "stop_kernel" not in result.timings

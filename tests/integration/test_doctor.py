@@ -17,8 +17,13 @@ from testbench.inputs.images import Images
 
 
 def _doctor(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "testbench.cli", "doctor", "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, env=dict(os.environ, **env), timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "testbench.cli", "doctor", "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **env),
+        timeout=120,
+    )
 
 
 def _failures(done: subprocess.CompletedProcess[str]) -> list[str]:

@@ -54,8 +54,13 @@ def test_stage1_deadline_names_the_phase(tmp_path: Path, images: Images) -> None
     env = dict(os.environ, TESTBENCH_TIMEOUT_FACTOR="0.02")
     started = time.monotonic()
     # --no-snapshot: a restored stage 1 has no boot to time out.
-    done = subprocess.run([sys.executable, "-m", "testbench.cli", "run", "--machine", "virt", "--no-snapshot",
-                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "testbench.cli", "run", "--machine", "virt", "--no-snapshot", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     took = time.monotonic() - started
     print(f"stage-1 hang reported in {took:.1f}s")
     assert done.returncode == 2, done.stdout + done.stderr
@@ -187,8 +192,9 @@ def test_stage2_watch_ends_on_silence(serial: FakeSerial, tmp_path: Path, fast_d
         console.close()
 
 
-def test_stage2_watch_with_debugger_waits_past_every_window(serial: FakeSerial, tmp_path: Path,
-                                                            fast_deadlines: None) -> None:
+def test_stage2_watch_with_debugger_waits_past_every_window(
+    serial: FakeSerial, tmp_path: Path, fast_deadlines: None
+) -> None:
     # --gdb after kexec -e: silence is the user at a breakpoint, and there is no phase deadline either.
     console = _console(serial, tmp_path, debugger_attached=True)
     try:

@@ -36,13 +36,22 @@ def test_pip_install_runs_analyze_and_a_case_from_elsewhere(tmp_path: Path, imag
 
     # A whole case: machines.toml, the lock and the stage-1/stage-2 recipes all come from the package.
     out = elsewhere / "case"
-    ran = _run([testbench, "run", "--machine", "virt", "--kexec-args=--image-size=0x2000000", "--out", str(out)],
-               elsewhere, 600)
+    ran = _run(
+        [testbench, "run", "--machine", "virt", "--kexec-args=--image-size=0x2000000", "--out", str(out)],
+        elsewhere,
+        600,
+    )
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert ran.stdout.startswith("pass (phase init)"), ran.stdout
 
     # The default matrix file is there too (matrix --help names it; running 54 cells is another test's job).
-    listed = _run([str(venv / "bin" / "python"), "-c",
-                   "from testbench.matrix import DEFAULT_MATRIX; print(DEFAULT_MATRIX.is_file(), DEFAULT_MATRIX)"],
-                  elsewhere, 60)
+    listed = _run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "from testbench.matrix import DEFAULT_MATRIX; print(DEFAULT_MATRIX.is_file(), DEFAULT_MATRIX)",
+        ],
+        elsewhere,
+        60,
+    )
     assert listed.stdout.startswith(f"True {venv}"), listed.stdout

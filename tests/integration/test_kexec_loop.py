@@ -31,6 +31,7 @@ def test_image_size_placement_passes_with_payload_verified(run_kexec_case, machi
     assert result.verdict.verdict == "pass", result.verdict
     stage2 = result.stage2
     import hashlib
+
     assert stage2["payload_sha256"] == hashlib.sha256(payload_bytes(1 << 20, 7)).hexdigest()
     assert stage2["payload_size"] == 1 << 20
     assert "panic=-1" in stage2["cmdline"]

@@ -20,8 +20,9 @@ def plain(images, tmp_path_factory):
     from testbench.emulator.machines import get_machine
 
     m = get_machine("virt")
-    request = CaseRequest(machine=m, ram=m.default_ram, out=tmp_path_factory.mktemp("plain") / "case",
-                          kexec_args=(ROOMY,))
+    request = CaseRequest(
+        machine=m, ram=m.default_ram, out=tmp_path_factory.mktemp("plain") / "case", kexec_args=(ROOMY,)
+    )
     return run_case(prepare_case(request, images))
 
 

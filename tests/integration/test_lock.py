@@ -35,9 +35,13 @@ def _stale_lock(tmp_path: Path) -> Path:
 
 
 def _fetch(cache: Path, lock: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "testbench.cli", "images", "fetch"], capture_output=True,
-                          text=True, timeout=600,
-                          env=dict(os.environ, TESTBENCH_CACHE=str(cache), TESTBENCH_LOCK=str(lock), **env))
+    return subprocess.run(
+        [sys.executable, "-m", "testbench.cli", "images", "fetch"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, TESTBENCH_CACHE=str(cache), TESTBENCH_LOCK=str(lock), **env),
+    )
 
 
 def _image_files(cache: Path) -> list[str]:
@@ -59,8 +63,9 @@ def test_a_version_gone_from_the_archive_is_one_line_and_nothing_written(tmp_pat
     assert _image_files(cache) in ([], [".lock"]), _image_files(cache)
 
 
-def test_allowed_drift_takes_the_archive_and_records_it(tmp_path: Path, images: Images,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_allowed_drift_takes_the_archive_and_records_it(
+    tmp_path: Path, images: Images, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A mirror of the real cache already holds the archive's current set: nothing big is downloaded.
     cache = tmp_path / "cache"
     mirror_cache(images.root, cache)
@@ -69,8 +74,13 @@ def test_allowed_drift_takes_the_archive_and_records_it(tmp_path: Path, images: 
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"DRIFT linux-image-6.1.0-50-armmp -> {images.kernel_package}: locked 6.1.176-1" in done.stderr
     manifest = json.loads(manifest_file(cache).read_text())
-    assert manifest["drift"] == [{"name": f"linux-image-6.1.0-50-armmp -> {images.kernel_package}",
-                                  "locked": "6.1.176-1", "now": images.package(images.kernel_package).version}]
+    assert manifest["drift"] == [
+        {
+            "name": f"linux-image-6.1.0-50-armmp -> {images.kernel_package}",
+            "locked": "6.1.176-1",
+            "now": images.package(images.kernel_package).version,
+        }
+    ]
     monkeypatch.setenv("TESTBENCH_CACHE", str(cache))
     monkeypatch.setenv("TESTBENCH_LOCK", str(lock))
     drifted = load_images()

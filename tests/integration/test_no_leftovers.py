@@ -22,12 +22,20 @@ def _wait(predicate, seconds: float) -> bool:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
 def test_qemu_dies_with_the_runner(tmp_path, images, signum):
     out = tmp_path / "case"
-    runner = subprocess.Popen([sys.executable, "-m", "testbench.cli", "run", "--machine", "virt", "--out", str(out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "testbench.cli", "run", "--machine", "virt", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # Signal once the guest is really running: QEMU up and the console already talking.
-        assert _wait(lambda: bool(qemu_pids(out)) and (out / "console.log").exists()
-                     and (out / "console.log").stat().st_size > 1000, 60), "QEMU never started"
+        assert _wait(
+            lambda: (
+                bool(qemu_pids(out)) and (out / "console.log").exists() and (out / "console.log").stat().st_size > 1000
+            ),
+            60,
+        ), "QEMU never started"
         assert qemu_pids(out)
         runner.send_signal(signum)
         runner.wait(timeout=30)

@@ -12,16 +12,31 @@ from pathlib import Path
 import pytest
 
 from testbench.cli import main
-from testbench.replay import ReplayRequest, replay, request_from_args
+from testbench.replay import ReplayRequest, replay
+from testbench.replay_cli import request_from_args
 
 SEED_B = Path(__file__).parents[1] / "unit" / "data" / "seed_b.txt"
 KERNEL_END = 0x208000 + 0x13A10B4  # RAM-base relative end of the inflated Debian kernel
 
 
 def _args(tmp_path: Path, **kw) -> ReplayRequest:
-    base = dict(machine="virt", ram=None, kernel="debian", initrd=None, initrd_size=None, seed=1, dtb=None,
-                kernel_at=None, initrd_at=None, dtb_at=None, from_log=None, until=None, decompress_deadline=None,
-                no_halt_check=False, out=str(tmp_path / "replay"))
+    base = dict(
+        machine="virt",
+        ram=None,
+        kernel="debian",
+        initrd=None,
+        initrd_size=None,
+        seed=1,
+        dtb=None,
+        kernel_at=None,
+        initrd_at=None,
+        dtb_at=None,
+        from_log=None,
+        until=None,
+        decompress_deadline=None,
+        no_halt_check=False,
+        out=str(tmp_path / "replay"),
+    )
     return request_from_args(argparse.Namespace(**(base | kw)))
 
 
@@ -37,16 +52,20 @@ def _payload_sha256(size: int, seed: int = 1) -> str:
 
 
 def _chosen(dtb: Path, prop: str) -> str:
-    return subprocess.run(["fdtget", "-t", "x", str(dtb), "/chosen", prop], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        ["fdtget", "-t", "x", str(dtb), "/chosen", prop], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def test_seed_log_b_on_vexpress_a15(images, tmp_path):
     result = replay(_args(tmp_path, machine="vexpress-a15", from_log=str(SEED_B), until="kernel-entry"))
     base = 0x80000000
     # Log B: RAM at 0x10000000, Kernel 0x10008000, Initrd 0x11510000 size 0x53f46a, DT 0x11a50000 (DOMAIN 4).
-    assert {r: p["address"] - base for r, p in result["placement"].items()} == \
-        {"kernel": 0x8000, "initrd": 0x1510000, "dtb": 0x1A50000}
+    assert {r: p["address"] - base for r, p in result["placement"].items()} == {
+        "kernel": 0x8000,
+        "initrd": 0x1510000,
+        "dtb": 0x1A50000,
+    }
     # The stand-in initrd is a generated stage-2 one of exactly the log's size.
     assert result["placement"]["initrd"]["size"] == 0x53F46A
     assert result["expected"]["payload_sha256"] is not None
@@ -57,8 +76,7 @@ def test_seed_log_b_on_vexpress_a15(images, tmp_path):
 
 
 def test_safe_layout_with_a_stage2_initrd_boots_to_init(images, tmp_path):
-    result = replay(_args(tmp_path, kernel_at="+0x8000", initrd_size="1M", initrd_at="+0x2008000",
-                          dtb_at="+0x2800000"))
+    result = replay(_args(tmp_path, kernel_at="+0x8000", initrd_size="1M", initrd_at="+0x2008000", dtb_at="+0x2800000"))
     assert result["until"] == "init"
     assert result["verdict"] == "pass" and result["phase"] == "init", result["reasons"]
     stage2 = result["stage2"]
@@ -75,8 +93,7 @@ def test_safe_layout_with_a_stage2_initrd_boots_to_init(images, tmp_path):
 
 def test_colliding_layout_with_a_stage2_initrd_fails_in_the_kernel(images, tmp_path):
     # The initrd inside the relocated decompressor copy (+0x15A9900..+0x1ADAA60), clear of the kernel.
-    result = replay(_args(tmp_path, kernel_at="+0x8000", initrd_size="1M", initrd_at="+0x1700000",
-                          dtb_at="+0x2800000"))
+    result = replay(_args(tmp_path, kernel_at="+0x8000", initrd_size="1M", initrd_at="+0x1700000", dtb_at="+0x2800000"))
     assert result["verdict"] == "fail" and result["phase"] == "kernel", result["reasons"]
     clobbered = result["observed"]["clobbered"]
     assert [c["segment"] for c in clobbered] == ["initrd"] and clobbered[0]["offset"] == 0
@@ -90,8 +107,17 @@ def test_colliding_layout_with_a_stage2_initrd_fails_in_the_kernel(images, tmp_p
 
 def test_vexpress_board_dtb_gets_the_ram_size(images, tmp_path):
     # A board DTB says 1 GiB at 0x80000000; with 512 MiB the bench must make /memory say so.
-    result = replay(_args(tmp_path, machine="vexpress-a15", ram="512M", kernel_at="+0x8000", initrd_size="64K",
-                          initrd_at="+0x2008000", dtb_at="+0x2800000"))
+    result = replay(
+        _args(
+            tmp_path,
+            machine="vexpress-a15",
+            ram="512M",
+            kernel_at="+0x8000",
+            initrd_size="64K",
+            initrd_at="+0x2008000",
+            dtb_at="+0x2800000",
+        )
+    )
     assert result["verdict"] == "pass", result["reasons"]
     assert result["stage2"]["iomem_ram"] == ["80000000-9fffffff"]
 
@@ -105,8 +131,9 @@ def test_hand_chosen_colliding_layout(images, tmp_path):
 
 
 def test_hand_chosen_safe_layout(images, tmp_path, initrd_file):
-    result = replay(_args(tmp_path, kernel_at="+0x8000", initrd=str(initrd_file), initrd_at="+0x2008000",
-                          dtb_at="+0x2200000"))
+    result = replay(
+        _args(tmp_path, kernel_at="+0x8000", initrd=str(initrd_file), initrd_at="+0x2008000", dtb_at="+0x2200000")
+    )
     assert result["observed"]["clobbered"] == []
     assert result["verdict"] == "pass", result["reasons"]
     assert result["oracle_agrees"] is True
@@ -116,11 +143,17 @@ def test_hand_chosen_safe_layout(images, tmp_path, initrd_file):
     assert on_disk["verdict"] == "pass"
 
 
-@pytest.mark.parametrize(("extra", "says"), [
-    (["--kernel-at", "0x10000000", "--dtb-at", "+0x100000"], "outside RAM"),
-    (["--kernel-at", "+0x8000", "--dtb-at", "+0x2800000", "--initrd-size", "1M"], "--initrd-size needs --initrd-at"),
-    (["--kernel-at", "+0x8000", "--dtb-at", "+0x2800000", "--decompress-deadline", "0"], "positive number"),
-])
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--kernel-at", "0x10000000", "--dtb-at", "+0x100000"], "outside RAM"),
+        (
+            ["--kernel-at", "+0x8000", "--dtb-at", "+0x2800000", "--initrd-size", "1M"],
+            "--initrd-size needs --initrd-at",
+        ),
+        (["--kernel-at", "+0x8000", "--dtb-at", "+0x2800000", "--decompress-deadline", "0"], "positive number"),
+    ],
+)
 def test_bad_replay_input_is_one_line(images, tmp_path, capsys, extra, says):
     rc = main(["replay", "--machine", "virt", *extra, "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err

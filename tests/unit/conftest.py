@@ -8,8 +8,10 @@ import pytest
 from debian_kernel import default_kernel_tree, find_kernel_trees
 from zimage_builder import DATA, build_zimage
 
-NO_KERNEL = ("no Debian armmp zImage cached: set TESTBENCH_DEBIAN_ZIMAGE, or run `testbench images fetch` "
-             "(it unpacks linux-image-*-armmp into $TESTBENCH_CACHE/tree/<sha256>/)")
+NO_KERNEL = (
+    "no Debian armmp zImage cached: set TESTBENCH_DEBIAN_ZIMAGE, or run `testbench images fetch` "
+    "(it unpacks linux-image-*-armmp into $TESTBENCH_CACHE/tree/<sha256>/)"
+)
 
 
 @pytest.fixture
@@ -37,7 +39,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # with the config and System.map of its own package.
     if "kernel_tree" in metafunc.fixturenames:
         params = [pytest.param(t, id=t.release) for t in find_kernel_trees()] or [
-            pytest.param(None, id="no-kernel", marks=pytest.mark.skip(reason=NO_KERNEL))]
+            pytest.param(None, id="no-kernel", marks=pytest.mark.skip(reason=NO_KERNEL))
+        ]
         metafunc.parametrize("kernel_tree", params)
 
 

@@ -137,6 +137,7 @@ def default_kernel_tree(cache: Path | None = None) -> KernelTree | None:
 
 # --- kernel_facts.toml ---------------------------------------------------------------------------------
 
+
 @functools.cache
 def load_facts() -> dict[str, dict]:
     """sha256 of the zImage -> its measured facts."""
@@ -148,6 +149,7 @@ def facts_for(zimage: Path) -> dict | None:
 
 
 # --- the package's config and System.map ---------------------------------------------------------------
+
 
 def read_config(path: Path) -> dict[str, str]:
     """CONFIG_X=value lines, without the prefix; `# CONFIG_X is not set` lines are simply absent."""
@@ -196,8 +198,11 @@ def real_system_map(tree: KernelTree, cache: Path | None = None) -> Path | None:
     if read_system_map(tree.system_map) is not None:
         return tree.system_map
     cache = cache or cache_root()
-    for hit in sorted(glob.glob(str(cache / "tree" / "*" / "usr" / "lib" / "debug" / "boot" /
-                                    f"System.map-{glob.escape(tree.release)}"))):
+    for hit in sorted(
+        glob.glob(
+            str(cache / "tree" / "*" / "usr" / "lib" / "debug" / "boot" / f"System.map-{glob.escape(tree.release)}")
+        )
+    ):
         if read_system_map(Path(hit)) is not None:
             return Path(hit)
     return None
@@ -292,23 +297,42 @@ def package_facts(zimage: Path) -> PackageFacts:
         kernel_bss = bss_stop - bss_start
     system_map = real_system_map(tree)
     return PackageFacts(
-        file_size=len(raw), size=end - start, text_offset=text_offset, page_offset=page_offset,
-        compression=compression, efi_stub=config.get("EFI_STUB") == "y",
-        thumb2=config.get("THUMB2_KERNEL") == "y", big_endian=config.get("CPU_BIG_ENDIAN") == "y",
-        payload=payload, size_ptr=size_ptr, inflated_size=inflated_size, kernel_bss=kernel_bss,
+        file_size=len(raw),
+        size=end - start,
+        text_offset=text_offset,
+        page_offset=page_offset,
+        compression=compression,
+        efi_stub=config.get("EFI_STUB") == "y",
+        thumb2=config.get("THUMB2_KERNEL") == "y",
+        big_endian=config.get("CPU_BIG_ENDIAN") == "y",
+        payload=payload,
+        size_ptr=size_ptr,
+        inflated_size=inflated_size,
+        kernel_bss=kernel_bss,
         system_map=read_system_map(system_map) if system_map else None,
     )
 
 
 # --- kexec-tools >= 2.0.17 placement and the relocated decompressor (DOMAIN 3.2, 2.4) --------------------
 
+
 def align_up(value: int, align: int = PAGE) -> int:
     return (value + align - 1) & ~(align - 1)
 
 
-def kexec_2_0_17_layout(ram_base: int, initrd_size: int, *, size: int, inflated: int, kernel_bss: int,
-                        text_offset: int, restart: int, reloc_pad: int, stack_end: int,
-                        malloc: int = MALLOC_SIZE) -> dict[str, int | tuple[int, int]]:
+def kexec_2_0_17_layout(
+    ram_base: int,
+    initrd_size: int,
+    *,
+    size: int,
+    inflated: int,
+    kernel_bss: int,
+    text_offset: int,
+    restart: int,
+    reloc_pad: int,
+    stack_end: int,
+    malloc: int = MALLOC_SIZE,
+) -> dict[str, int | tuple[int, int]]:
     """Where kexec puts things with its default image size, where the decompressor goes, and the smallest
     page-aligned --image-size whose initrd clears the decompressor's malloc arena (nothing is written
     higher: the kernel's bss ends below the relocated copy)."""
@@ -320,6 +344,12 @@ def kexec_2_0_17_layout(ram_base: int, initrd_size: int, *, size: int, inflated:
     source = (load + restart) & ~31
     copy_end = dest + align_up(load + size - source, 32)
     malloc_end = dest - source + load + stack_end + malloc
-    return {"image_size": image_size, "initrd": initrd, "dtb": (initrd + initrd_size + PAGE) & ~(PAGE - 1),
-            "copy": (dest, copy_end), "malloc_end": malloc_end, "kernel_bss_end": kernel + inflated + kernel_bss,
-            "advice": align_up(malloc_end - load)}
+    return {
+        "image_size": image_size,
+        "initrd": initrd,
+        "dtb": (initrd + initrd_size + PAGE) & ~(PAGE - 1),
+        "copy": (dest, copy_end),
+        "malloc_end": malloc_end,
+        "kernel_bss_end": kernel + inflated + kernel_bss,
+        "advice": align_up(malloc_end - load),
+    }

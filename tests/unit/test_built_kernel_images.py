@@ -142,7 +142,7 @@ def test_payload_compression_is_the_configured_one(built):
     dec = _symbols(built / "decompressor.elf")
     data = (built / "zImage").read_bytes()
     at = dec["input_data"] - dec["_start"]
-    assert data[at:at + len(PAYLOAD_MAGIC[chosen[0]])] == PAYLOAD_MAGIC[chosen[0]]
+    assert data[at : at + len(PAYLOAD_MAGIC[chosen[0]])] == PAYLOAD_MAGIC[chosen[0]]
     if chosen[0] == "gzip":
         # gzip's own trailer holds the inflated size (ISIZE), which is the word size_ptr points at
         end = dec["input_data_end"] - dec["_start"]

@@ -20,22 +20,33 @@ MALLOC = (0x41ADBE78, 0x41AEBE78)
 
 
 def _predicted(*collisions: tuple[str, str, int, int, str], footprint_end: int = MALLOC[1]) -> Prediction:
-    return Prediction("collision" if collisions else "safe",
-                      regions=(Region("ram", 0x40000000, 0x80000000, "ram"),
-                               Region("decompressor.copy", COPY[0], COPY[1], "written"),
-                               Region("decompressor.malloc", MALLOC[0], footprint_end, "written")),
-                      collisions=tuple(Collision(a, b, s, e, sev) for a, b, s, e, sev in collisions), assumptions=())
+    return Prediction(
+        "collision" if collisions else "safe",
+        regions=(
+            Region("ram", 0x40000000, 0x80000000, "ram"),
+            Region("decompressor.copy", COPY[0], COPY[1], "written"),
+            Region("decompressor.malloc", MALLOC[0], footprint_end, "written"),
+        ),
+        collisions=tuple(Collision(a, b, s, e, sev) for a, b, s, e, sev in collisions),
+        assumptions=(),
+    )
 
 
 STOPS = (StopReport("zimage", 0x40008000, True, 0.6), StopReport("kernel", 0x40208000, True, 2.0))
 
 
-def _observed(*clobbered: tuple[str, int, int], base: dict | None = None,
-              measured_end: int | None = None) -> Observation:
+def _observed(
+    *clobbered: tuple[str, int, int], base: dict | None = None, measured_end: int | None = None
+) -> Observation:
     base = base or {"initrd": INITRD, "dtb": DTB}
-    return Observation("kernel", STOPS, fidelity=(),
-                       clobbered=tuple(Clobber(seg, s, e, s - base[seg], e - base[seg]) for seg, s, e in clobbered),
-                       by_design=(), footprint=Footprint(measured_end, None, False))
+    return Observation(
+        "kernel",
+        STOPS,
+        fidelity=(),
+        clobbered=tuple(Clobber(seg, s, e, s - base[seg], e - base[seg]) for seg, s, e in clobbered),
+        by_design=(),
+        footprint=Footprint(measured_end, None, False),
+    )
 
 
 def test_agreement_when_the_clobber_starts_at_the_predicted_first_byte():
@@ -43,8 +54,9 @@ def test_agreement_when_the_clobber_starts_at_the_predicted_first_byte():
     observed = _observed(("initrd", INITRD, COPY[1] - 0x40), measured_end=MALLOC[0] + 0x100)
     got = compare_oracle(observed, predicted)
     assert got.agrees is True and got.differences == ()
-    assert got.footprint == FootprintCheck(measured_end=MALLOC[0] + 0x100, predicted_end=MALLOC[1],
-                                           unused_top=MALLOC[1] - MALLOC[0] - 0x100)
+    assert got.footprint == FootprintCheck(
+        measured_end=MALLOC[0] + 0x100, predicted_end=MALLOC[1], unused_top=MALLOC[1] - MALLOC[0] - 0x100
+    )
 
 
 def test_a_few_unchanged_bytes_at_the_start_are_tolerated_more_are_not():
@@ -54,8 +66,9 @@ def test_a_few_unchanged_bytes_at_the_start_are_tolerated_more_are_not():
     far = _observed(("initrd", INITRD + START_TOLERANCE + 4, INITRD + 0x1000))
     got = compare_oracle(far, predicted)
     assert got.agrees is False
-    assert got.differences == (f"initrd: first clobbered byte {INITRD + START_TOLERANCE + 4:#x}, "
-                               f"oracle's first {INITRD:#x}",)
+    assert got.differences == (
+        f"initrd: first clobbered byte {INITRD + START_TOLERANCE + 4:#x}, oracle's first {INITRD:#x}",
+    )
 
 
 def test_a_predicted_fatal_collision_the_emulator_did_not_see():
@@ -69,22 +82,26 @@ def test_a_predicted_fatal_collision_the_emulator_did_not_see():
 def test_a_clobber_the_oracle_did_not_predict():
     got = compare_oracle(_observed(("dtb", DTB, DTB + 0x40)), _predicted())
     assert got.agrees is False
-    assert got.differences == (f"dtb: emulator saw [{DTB:#x}, {DTB + 0x40:#x}) clobbered, the oracle predicts "
-                               "no collision",)
+    assert got.differences == (
+        f"dtb: emulator saw [{DTB:#x}, {DTB + 0x40:#x}) clobbered, the oracle predicts no collision",
+    )
 
 
 def test_clobbered_bytes_outside_every_predicted_range():
     predicted = _predicted(("decompressor.copy", "initrd", INITRD, INITRD + 0x1000, "fatal"))
     observed = _observed(("initrd", INITRD, INITRD + 0x800), ("initrd", INITRD + 0x2000, INITRD + 0x2100))
     got = compare_oracle(observed, predicted)
-    assert got.differences == (f"initrd: clobbered [{INITRD + 0x2000:#x}, {INITRD + 0x2100:#x}) lies outside "
-                               "every predicted collision",)
+    assert got.differences == (
+        f"initrd: clobbered [{INITRD + 0x2000:#x}, {INITRD + 0x2100:#x}) lies outside every predicted collision",
+    )
 
 
 def test_a_clobber_across_two_touching_predicted_regions_is_covered():
     # kernel.bss ends where decompressor.copy begins: one clobbered range across both is inside their union.
-    predicted = _predicted(("kernel.bss", "initrd", INITRD, INITRD + 0x800, "fatal"),
-                           ("decompressor.copy", "initrd", INITRD + 0x800, INITRD + 0x4000, "fatal"))
+    predicted = _predicted(
+        ("kernel.bss", "initrd", INITRD, INITRD + 0x800, "fatal"),
+        ("decompressor.copy", "initrd", INITRD + 0x800, INITRD + 0x4000, "fatal"),
+    )
     assert compare_oracle(_observed(("initrd", INITRD, INITRD + 0x3000)), predicted).agrees is True
 
 
@@ -98,8 +115,9 @@ def test_a_clobber_inside_a_benign_prediction_agrees():
 def test_writes_above_the_predicted_footprint_disagree():
     got = compare_oracle(_observed(measured_end=MALLOC[1] + 0x1000), _predicted())
     assert got.agrees is False
-    assert got.differences == (f"decompressor wrote up to {MALLOC[1] + 0x1000:#x}, above the oracle's "
-                               f"footprint end {MALLOC[1]:#x}",)
+    assert got.differences == (
+        f"decompressor wrote up to {MALLOC[1] + 0x1000:#x}, above the oracle's footprint end {MALLOC[1]:#x}",
+    )
 
 
 def test_no_prediction_or_an_undecided_oracle_never_agrees():
@@ -120,8 +138,9 @@ def test_a_clobber_turns_a_pass_into_a_fail():
     observed = _observed(("initrd", INITRD, INITRD + 0x100))
     got = judge_observation(Verdict("pass", "init"), observed, compare_oracle(observed, predicted))
     assert got.verdict == "fail"
-    assert (f"clobbered between zImage entry and kernel entry: initrd [{INITRD:#x}, {INITRD + 0x100:#x}) "
-            "= +0x0..+0x100") in got.reasons
+    assert (
+        f"clobbered between zImage entry and kernel entry: initrd [{INITRD:#x}, {INITRD + 0x100:#x}) = +0x0..+0x100"
+    ) in got.reasons
 
 
 def test_an_oracle_disagreement_alone_fails_the_test():

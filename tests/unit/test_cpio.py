@@ -24,7 +24,7 @@ def _archive() -> bytes:
 
 def test_every_header_is_4_byte_aligned_and_uses_newc_magic():
     data = _archive()
-    offsets = [i for i in range(0, len(data), 4) if data[i:i + 6] == b"070701"]
+    offsets = [i for i in range(0, len(data), 4) if data[i : i + 6] == b"070701"]
     # 5 entries + trailer, every one on a 4-byte boundary (the kernel rejects anything else).
     assert len(offsets) == 6
     assert data.endswith(b"\0") and len(data) % 4 == 0
@@ -54,8 +54,12 @@ def test_gnu_cpio_lists_and_extracts_the_archive(tmp_path):
     listing = subprocess.run(["cpio", "-t", "-v"], input=data, capture_output=True, check=True).stdout.decode()
     names = [line.split()[-1] if "->" not in line else line.split()[-3] for line in listing.splitlines()]
     assert names == ["bin", "bin/busybox", "bin/sh", "dev/console", "init"]
-    subprocess.run(["cpio", "-i", "-d", "--quiet", "--no-absolute-filenames", "bin/busybox", "init"],
-                   input=data, cwd=tmp_path, check=True)
+    subprocess.run(
+        ["cpio", "-i", "-d", "--quiet", "--no-absolute-filenames", "bin/busybox", "init"],
+        input=data,
+        cwd=tmp_path,
+        check=True,
+    )
     assert (tmp_path / "bin/busybox").read_bytes() == b"\x7fELF" + b"x" * 1001
     assert (tmp_path / "init").stat().st_mode & 0o111
 

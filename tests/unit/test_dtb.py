@@ -11,8 +11,10 @@ import pytest
 
 from testbench.inputs import dtb
 
-pytestmark = pytest.mark.skipif(shutil.which("dtc") is None or shutil.which("fdtget") is None,
-                                reason="needs dtc and fdtget (apt-get install device-tree-compiler)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("dtc") is None or shutil.which("fdtget") is None,
+    reason="needs dtc and fdtget (apt-get install device-tree-compiler)",
+)
 
 BOARD = """/dts-v1/;
 / {
@@ -26,13 +28,15 @@ BOARD = """/dts-v1/;
 
 
 def _compile(dts: str) -> bytes:
-    return subprocess.run(["dtc", "-q", "-I", "dts", "-O", "dtb", "-"], input=dts.encode(), capture_output=True,
-                          check=True).stdout
+    return subprocess.run(
+        ["dtc", "-q", "-I", "dts", "-O", "dtb", "-"], input=dts.encode(), capture_output=True, check=True
+    ).stdout
 
 
 def _fdtget(path: Path, node: str, prop: str, kind: str = "x") -> str:
-    return subprocess.run(["fdtget", "-t", kind, str(path), node, prop], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        ["fdtget", "-t", kind, str(path), node, prop], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def test_reads_what_dtc_wrote() -> None:
@@ -60,15 +64,17 @@ def test_edits_read_back_with_fdtget(tmp_path: Path) -> None:
     assert _fdtget(out, "/new/deep", "reg") == "1 23456789 1000"
     props = subprocess.run(["fdtget", "-p", str(out), "/chosen"], capture_output=True, text=True).stdout.split()
     assert "rng-seed" not in props
-    assert "no-map" in subprocess.run(["fdtget", "-p", str(out), "/new/deep"], capture_output=True,
-                                      text=True).stdout.split()
+    assert (
+        "no-map"
+        in subprocess.run(["fdtget", "-p", str(out), "/new/deep"], capture_output=True, text=True).stdout.split()
+    )
     dtb.check(out.read_bytes())  # and the whole tree is still well formed
 
 
 def test_check_refuses_a_broken_structure_block() -> None:
     data = bytearray(_compile(BOARD))
     struct_at = int.from_bytes(data[8:12], "big")
-    data[struct_at:struct_at + 4] = b"\xff\xff\xff\xff"  # the first tag is no FDT_BEGIN_NODE any more
+    data[struct_at : struct_at + 4] = b"\xff\xff\xff\xff"  # the first tag is no FDT_BEGIN_NODE any more
     with pytest.raises(dtb.DtbError):
         dtb.check(bytes(data))
     with pytest.raises(dtb.DtbError):

@@ -33,8 +33,9 @@ def seed_dtb() -> bytes:
     dtc = shutil.which("dtc")
     if dtc is None:
         pytest.skip("dtc is absent (apt-get install device-tree-compiler): check_dtb cannot accept any DTB")
-    return subprocess.run([dtc, "-q", "-I", "dts", "-O", "dtb"], input=DTS.encode(), capture_output=True,
-                          check=True).stdout
+    return subprocess.run(
+        [dtc, "-q", "-I", "dts", "-O", "dtb"], input=DTS.encode(), capture_output=True, check=True
+    ).stdout
 
 
 @pytest.fixture(scope="module")

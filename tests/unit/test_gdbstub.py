@@ -30,7 +30,7 @@ def test_escape_uses_0x7d_and_xor_0x20_for_the_four_special_bytes():
 def test_run_length_encoding_repeats_the_previous_char_count_minus_29_times():
     # Spec example: "0* " means "0000" (' ' is 32, so three more).
     assert decode_rle(b"0* ") == b"0000"
-    assert decode_rle(b"ab*\"c") == b"abbbbbbc"  # '"' = 34 -> 5 more b's
+    assert decode_rle(b'ab*"c') == b"abbbbbbc"  # '"' = 34 -> 5 more b's
 
 
 def test_parse_packet_takes_one_packet_and_keeps_the_rest():
@@ -51,4 +51,4 @@ def test_parse_packet_rejects_a_bad_checksum():
 
 
 def test_registers_are_little_endian_words():
-    assert le_words("00800040" "ffffffff", 2) == [0x40008000, 0xFFFFFFFF]
+    assert le_words("00800040ffffffff", 2) == [0x40008000, 0xFFFFFFFF]

@@ -38,6 +38,7 @@ DEBIAN_PAGE_OFFSET = 0xC0000000  # CONFIG_PAGE_OFFSET (VMSPLIT_3G) in every armm
 
 # --- the facts table, checked against itself -------------------------------------------------------------
 
+
 @pytest.mark.parametrize("sha", sorted(load_facts()), ids=lambda sha: load_facts()[sha]["release"])
 def test_facts_entry_agrees_with_its_system_map(sha):
     f = load_facts()[sha]
@@ -56,9 +57,17 @@ def test_facts_entry_agrees_with_its_system_map(sha):
 @pytest.mark.parametrize("sha", sorted(load_facts()), ids=lambda sha: load_facts()[sha]["release"])
 def test_facts_entry_oracle_numbers_follow_from_its_measurements(sha):
     f = load_facts()[sha]
-    got = kexec_2_0_17_layout(VIRT_RAM, MiB, size=f["size"], inflated=f["inflated_size"],
-                              kernel_bss=f["kernel_bss"], text_offset=f["text_offset"], restart=f["restart"],
-                              reloc_pad=f["reloc_pad"], stack_end=f["stack_end"])
+    got = kexec_2_0_17_layout(
+        VIRT_RAM,
+        MiB,
+        size=f["size"],
+        inflated=f["inflated_size"],
+        kernel_bss=f["kernel_bss"],
+        text_offset=f["text_offset"],
+        restart=f["restart"],
+        reloc_pad=f["reloc_pad"],
+        stack_end=f["stack_end"],
+    )
     want = f["virt_2_0_25"]
     assert {k: got[k] for k in want} == {k: tuple(v) if isinstance(v, list) else v for k, v in want.items()}
 
@@ -66,13 +75,28 @@ def test_facts_entry_oracle_numbers_follow_from_its_measurements(sha):
 def test_layout_reproduces_domain_log_c():
     # DOMAIN 4, log C (Debian 6.1.0-50, worked there by hand): ksize 0x18E42B4, initrd 0x418ED000, the copy
     # at 0x415A9900-0x41ADAA60, the footprint ending at 0x41AEBE78, the kernel's bss at 0x41607588.
-    got = kexec_2_0_17_layout(VIRT_RAM, MiB, size=0x532200, inflated=0x13A10B4, kernel_bss=0x5E4D4,
-                              text_offset=0x208000, restart=0x10B4, reloc_pad=0x900, stack_end=0x533618)
+    got = kexec_2_0_17_layout(
+        VIRT_RAM,
+        MiB,
+        size=0x532200,
+        inflated=0x13A10B4,
+        kernel_bss=0x5E4D4,
+        text_offset=0x208000,
+        restart=0x10B4,
+        reloc_pad=0x900,
+        stack_end=0x533618,
+    )
     assert (got["image_size"], got["initrd"], got["copy"], got["malloc_end"], got["kernel_bss_end"]) == (
-        0x18E42B4, 0x418ED000, (0x415A9900, 0x41ADAA60), 0x41AEBE78, 0x41607588)
+        0x18E42B4,
+        0x418ED000,
+        (0x415A9900, 0x41ADAA60),
+        0x41AEBE78,
+        0x41607588,
+    )
 
 
 # --- the reader against each cached package ----------------------------------------------------------------
+
 
 def _package(tree: KernelTree) -> PackageFacts:
     if not tree.config.is_file():  # e.g. TESTBENCH_DEBIAN_ZIMAGE naming a bare zImage
@@ -106,8 +130,10 @@ def test_tag_words_match_the_system_map(kernel_tree: KernelTree):
     pf = _package(kernel_tree)
     m = pf.system_map
     if m is None:
-        pytest.skip(f"boot/System.map-{kernel_tree.release} is Debian's placeholder and no "
-                    f"linux-image-{kernel_tree.release}-dbg is unpacked in the cache")
+        pytest.skip(
+            f"boot/System.map-{kernel_tree.release} is Debian's placeholder and no "
+            f"linux-image-{kernel_tree.release}-dbg is unpacked in the cache"
+        )
     z = read_zimage(kernel_tree.zimage)
     assert z.inflated_size == m["_edata"] - m["_text"]
     assert z.kernel_bss == m["__bss_stop"] - m["__bss_start"]
@@ -128,11 +154,19 @@ def test_decompressor_constants_are_plausible(kernel_tree: KernelTree):
 
 # --- the helpers' own rules ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("enabled, textofs", [
-    ((), 0x8000), (("ARCH_MESON",), 0x208000), (("ARCH_MSM8960",), 0x208000), (("SA1111",), 0x8000),
-    (("ARCH_SA1100", "SA1111"), 0x208000), (("ARCH_REALTEK",), 0x108000),
-    (("ARCH_REALTEK", "ARCH_MESON", "ARCH_AXXIA"), 0x308000),
-])
+
+@pytest.mark.parametrize(
+    "enabled, textofs",
+    [
+        ((), 0x8000),
+        (("ARCH_MESON",), 0x208000),
+        (("ARCH_MSM8960",), 0x208000),
+        (("SA1111",), 0x8000),
+        (("ARCH_SA1100", "SA1111"), 0x208000),
+        (("ARCH_REALTEK",), 0x108000),
+        (("ARCH_REALTEK", "ARCH_MESON", "ARCH_AXXIA"), 0x308000),
+    ],
+)
 def test_text_offset_rules(enabled, textofs):
     assert text_offset_from_config(dict.fromkeys(enabled, "y")) == textofs
 
@@ -163,9 +197,15 @@ def test_kernel_discovery(tmp_path, monkeypatch):
     assert default_kernel_tree().zimage == trixie  # no manifest: the newest release
     manifest = tmp_path / "suites" / "bookworm" / "manifest.json"
     manifest.parent.mkdir(parents=True)
-    manifest.write_text(json.dumps({"kernel_package": "linux-image-6.1.0-57-armmp",
-                                    "kernel_release": "6.1.0-57-armmp",
-                                    "packages": [{"name": "linux-image-6.1.0-57-armmp", "tree": "a" * 64}]}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "kernel_package": "linux-image-6.1.0-57-armmp",
+                "kernel_release": "6.1.0-57-armmp",
+                "packages": [{"name": "linux-image-6.1.0-57-armmp", "tree": "a" * 64}],
+            }
+        )
+    )
     assert default_kernel_tree().zimage == bookworm
     monkeypatch.setenv("TESTBENCH_DEBIAN_ZIMAGE", str(trixie))
     assert default_kernel_tree().zimage == trixie

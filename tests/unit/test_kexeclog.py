@@ -22,7 +22,10 @@ def test_seed_a_corentin_2_0_18(seed_text):
     assert log.dtb == Placed(0x22648000, 0x6043)
     assert log.entry == 0x20008000
     assert [(s.mem, s.memsz) for s in log.segments] == [
-        (0x20008000, 0x444000), (0x20FD5000, 0x1673000), (0x22648000, 0x7000)]
+        (0x20008000, 0x444000),
+        (0x20FD5000, 0x1673000),
+        (0x22648000, 0x7000),
+    ]
     # "segment[2].mem = 0x2[ 31.265096] sun7i-dwmac ... Link is Down" + "2648000"
     assert log.segments[2].mem == 0x22648000
     c = log.decompressor_copy
@@ -89,8 +92,10 @@ def test_old_format_has_no_sizes():
 
 
 def test_2_0_16_format():
-    text = ("zImage header: 0x016f2818 0x00000000 0x00407358\nzImage size 0x407358, file size 0x407358\n"
-            "zImage has tags\n  offset 0x00007178 tag 0x5a534c4b size 8\nkernel image size: 0x00c60710\n")
+    text = (
+        "zImage header: 0x016f2818 0x00000000 0x00407358\nzImage size 0x407358, file size 0x407358\n"
+        "zImage has tags\n  offset 0x00007178 tag 0x5a534c4b size 8\nkernel image size: 0x00c60710\n"
+    )
     log = parse_kexec_log(text)
     assert log.format == "2.0.16"
     assert log.kernel_image_size == 0xC60710
@@ -98,8 +103,10 @@ def test_2_0_16_format():
 
 
 def test_incomplete_segments_stay_none():
-    log = parse_kexec_log("kexec_load: entry = 0x40008000 flags = 0x0\nnr_segments = 2\n"
-                          "segment[0].buf = 0x1\nsegment[0].bufsz = 0x2\nsegment[0].mem = 0x40008000\n")
+    log = parse_kexec_log(
+        "kexec_load: entry = 0x40008000 flags = 0x0\nnr_segments = 2\n"
+        "segment[0].buf = 0x1\nsegment[0].bufsz = 0x2\nsegment[0].mem = 0x40008000\n"
+    )
     assert log.segments[0].memsz is None
     assert log.segments[1].mem is None
 

@@ -40,22 +40,30 @@ def test_hole_over_the_stage1_initramfs_is_refused():
 @pytest.mark.skipif(shutil.which("dtc") is None or shutil.which("fdtget") is None, reason="needs dtc and fdtget")
 def test_with_holes_adds_no_map_nodes(tmp_path):
     # A minimal board: 2 address and 2 size cells at the root, as QEMU's virt DTB has.
-    dts = "/dts-v1/;\n/ {\n\t#address-cells = <2>;\n\t#size-cells = <2>;\n\tmemory@40000000 {\n" \
-          "\t\tdevice_type = \"memory\";\n\t\treg = <0x0 0x40000000 0x0 0x20000000>;\n\t};\n};\n"
-    board = subprocess.run(["dtc", "-q", "-I", "dts", "-O", "dtb", "-"], input=dts.encode(),
-                           capture_output=True, check=True).stdout
+    dts = (
+        "/dts-v1/;\n/ {\n\t#address-cells = <2>;\n\t#size-cells = <2>;\n\tmemory@40000000 {\n"
+        '\t\tdevice_type = "memory";\n\t\treg = <0x0 0x40000000 0x0 0x20000000>;\n\t};\n};\n'
+    )
+    board = subprocess.run(
+        ["dtc", "-q", "-I", "dts", "-O", "dtb", "-"], input=dts.encode(), capture_output=True, check=True
+    ).stdout
     out = tmp_path / "holes.dtb"
     out.write_bytes(with_holes(board, [(0x42000000, 0x43000000), (0x150000000, 0x150100000)]))
 
     def get(node: str, prop: str, kind: str = "x") -> str:
-        return subprocess.run(["fdtget", "-t", kind, str(out), node, prop], capture_output=True, text=True,
-                              check=True).stdout.split()
+        return subprocess.run(
+            ["fdtget", "-t", kind, str(out), node, prop], capture_output=True, text=True, check=True
+        ).stdout.split()
 
     assert get("/reserved-memory", "#address-cells") == ["2"]
     assert get("/reserved-memory", "#size-cells") == ["2"]
     assert get("/reserved-memory/testbench-hole@42000000", "reg") == ["0", "42000000", "0", "1000000"]
     assert get("/reserved-memory/testbench-hole@150000000", "reg") == ["1", "50000000", "0", "100000"]
-    listed = subprocess.run(["fdtget", "-p", str(out), "/reserved-memory/testbench-hole@42000000"],
-                            capture_output=True, text=True, check=True).stdout.split()
+    listed = subprocess.run(
+        ["fdtget", "-p", str(out), "/reserved-memory/testbench-hole@42000000"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert "no-map" in listed
     assert get("/memory@40000000", "reg") == ["0", "40000000", "0", "20000000"]  # the bank itself untouched

@@ -102,16 +102,25 @@ def test_make_plan_from_seed_log_b(seed_text):
     DT 0x11a50000 size 0xb044, zImage 0x7273a8 bytes (bufsz 0x7273ac: kexec adds 4 zero bytes)."""
     log = parse_kexec_log(seed_text("seed_b"))
     zimage = parse_zimage(build_zimage(z=0x7273A8, text_offset=0x208000))
-    prediction = Prediction("collision", regions=(Region("ram", 0x10000000, 0x50000000, "ram"),
-                                                  Region("kernel", 0x10208000, 0x11000000, "written"),
-                                                  Region("decompressor.malloc", 0x11B00000, 0x11B10000, "written")),
-                            collisions=(), assumptions=())
+    prediction = Prediction(
+        "collision",
+        regions=(
+            Region("ram", 0x10000000, 0x50000000, "ram"),
+            Region("kernel", 0x10208000, 0x11000000, "written"),
+            Region("decompressor.malloc", 0x11B00000, 0x11B10000, "written"),
+        ),
+        collisions=(),
+        assumptions=(),
+    )
     plan = make_plan(log, zimage, (0x10000000, 0x50000000), prediction, {}, "console=ttyAMA0")
     assert plan.entry == 0x10008000
     assert plan.kernel_entry == 0x10000000 + 0x208000
     assert plan.dtb == 0x11A50000
     assert [(s.role, s.start, s.size) for s in plan.segments] == [
-        ("kernel", 0x10008000, 0x7273A8), ("initrd", 0x11510000, 0x53F46A), ("dtb", 0x11A50000, 0xB044)]
+        ("kernel", 0x10008000, 0x7273A8),
+        ("initrd", 0x11510000, 0x53F46A),
+        ("dtb", 0x11A50000, 0xB044),
+    ]
     # The pattern window: from the zImage end rounded up to a page, to 1 MiB past the footprint's top.
     assert plan.fill == (0x10730000, 0x11B10000 + (1 << 20))
     assert plan.regions == (("kernel", 0x10208000, 0x11000000), ("decompressor.malloc", 0x11B00000, 0x11B10000))
@@ -132,12 +141,15 @@ def test_branch_to_self_in_arm_and_thumb_state():
     assert not is_branch_to_self(bytes((0x00, 0xF0, 0x20, 0xE3)), thumb=False)  # nop
 
 
-@pytest.mark.parametrize(("cpsr", "final"), [
-    (0x600001D3, True),  # SVC, I and F masked: what the decompressor runs with
-    (0x60000153, False),  # F masked, I open: an IRQ handler could still change the return address
-    (0x60000093, False),  # I masked, F open
-    (None, False),  # CPSR unreadable: no proof
-])
+@pytest.mark.parametrize(
+    ("cpsr", "final"),
+    [
+        (0x600001D3, True),  # SVC, I and F masked: what the decompressor runs with
+        (0x60000153, False),  # F masked, I open: an IRQ handler could still change the return address
+        (0x60000093, False),  # I masked, F open
+        (None, False),  # CPSR unreadable: no proof
+    ],
+)
 def test_a_halt_is_final_only_with_irq_and_fiq_masked(cpsr, final):
     assert halted_for_good(ARM_B_SELF, cpsr) is final
 
@@ -167,8 +179,11 @@ def test_locate_in_wants_exactly_one_occurrence():
 
 
 # --- how far the output got, and the post-mortem text ------------------------------------------------------
-REGIONS = (("pagetables", 0x40204000, 0x40208000), ("kernel", 0x40208000, 0x415A90B4),
-           ("decompressor.copy", 0x415A9900, 0x41ADAA60))
+REGIONS = (
+    ("pagetables", 0x40204000, 0x40208000),
+    ("kernel", 0x40208000, 0x415A90B4),
+    ("decompressor.copy", 0x415A9900, 0x41ADAA60),
+)
 
 
 def test_output_progress_is_the_highest_write_inside_the_kernel_region():
@@ -181,55 +196,95 @@ def test_output_progress_is_the_highest_write_inside_the_kernel_region():
 
 
 def _plan() -> Plan:
-    return Plan(entry=0x40008000, kernel_entry=0x40208000, text_offset=0x208000, text_offset_source="tag",
-                dtb=0x42200000, segments=(), fill=None, regions=REGIONS, ram=(0x40000000, 0x80000000))
+    return Plan(
+        entry=0x40008000,
+        kernel_entry=0x40208000,
+        text_offset=0x208000,
+        text_offset_source="tag",
+        dtb=0x42200000,
+        segments=(),
+        fill=None,
+        regions=REGIONS,
+        ram=(0x40000000, 0x80000000),
+    )
 
 
 def test_hang_reasons_for_a_halted_decompressor():
-    hang = Hang(phase="decompress", deadline=90.0, waited=2.0, pc=0x415AA324, insn="eafffffe",
-                halted_for_good=True, found_by="halt check", where=("decompressor.copy",), zimage_offset=0x1AC4,
-                strings={"r0": {"past": "XZ-compressed data is corrupt"},
-                         "r3": {"past": "-- System halted", "at": "Attempting division by 0!"}},
-                output=Output(start=0x40208000, size=0x13A10B4, end=0x40208000 + 0x13A10B4 // 4))
+    hang = Hang(
+        phase="decompress",
+        deadline=90.0,
+        waited=2.0,
+        pc=0x415AA324,
+        insn="eafffffe",
+        halted_for_good=True,
+        found_by="halt check",
+        where=("decompressor.copy",),
+        zimage_offset=0x1AC4,
+        strings={
+            "r0": {"past": "XZ-compressed data is corrupt"},
+            "r3": {"past": "-- System halted", "at": "Attempting division by 0!"},
+        },
+        output=Output(start=0x40208000, size=0x13A10B4, end=0x40208000 + 0x13A10B4 // 4),
+    )
     reasons = hang_reasons(hang, _plan())
     assert reasons[0].startswith("the kernel entry 0x40208000 never came within the decompress deadline (90 s)")
     assert "branch-to-self at 0x415aa324" in reasons[0] and "never will" in reasons[0]
     assert reasons[1] == "PC 0x415aa324 lies in decompressor.copy = zImage file offset 0x1ac4"
     # r3 is at one string and past another: a base pointer, ambiguous; only r0 is quoted.
     assert [r for r in reasons if "message" in r or "string" in r] == [
-        "r0 points just past the message 'XZ-compressed data is corrupt' (as a print loop leaves its pointer)"]
+        "r0 points just past the message 'XZ-compressed data is corrupt' (as a print loop leaves its pointer)"
+    ]
     assert reasons[-1].endswith("(25%)")
 
 
 def test_hang_reasons_at_the_deadline_without_a_halt():
-    hang = Hang(phase="decompress", deadline=9.0, waited=9.0, pc=0x41000000, insn="e3a00000",
-                halted_for_good=False, found_by="deadline", where=(), zimage_offset=None, strings={})
+    hang = Hang(
+        phase="decompress",
+        deadline=9.0,
+        waited=9.0,
+        pc=0x41000000,
+        insn="e3a00000",
+        halted_for_good=False,
+        found_by="deadline",
+        where=(),
+        zimage_offset=None,
+        strings={},
+    )
     reasons = hang_reasons(hang, _plan())
-    assert reasons[0] == ("the kernel entry 0x40208000 never came within the decompress deadline (9 s); "
-                          "halted after 9.0 s at PC 0x41000000 (instruction e3a00000)")
+    assert reasons[0] == (
+        "the kernel entry 0x40208000 never came within the decompress deadline (9 s); "
+        "halted after 9.0 s at PC 0x41000000 (instruction e3a00000)"
+    )
     assert len(reasons) == 1
     at_loop = replace(hang, insn="eafffffe", halted_for_good=True)
     assert hang_reasons(at_loop, _plan())[0].endswith(
-        "(instruction eafffffe), a branch-to-self with IRQ and FIQ masked: it never would have")
+        "(instruction eafffffe), a branch-to-self with IRQ and FIQ masked: it never would have"
+    )
 
 
 def test_hang_reasons_when_the_vm_could_not_be_examined():
     hang = Hang(phase="handoff", deadline=30.0, waited=30.0, found_by="deadline", error="post-mortem incomplete: boom")
     assert hang_reasons(hang, _plan()) == [
-        "the zImage entry 0x40008000 never came within the handoff deadline (30 s); post-mortem incomplete: boom"]
+        "the zImage entry 0x40008000 never came within the handoff deadline (30 s); post-mortem incomplete: boom"
+    ]
 
 
 # --- kernel log lines in a RAM dump ------------------------------------------------------------------------
 def test_log_records_are_quoted_and_printk_formats_and_efi_strings_are_not():
-    ram = (b"\x00\x01Booting Linux Kernel...\x00"  # the EFI stub's plain string inside the zImage copy
-           b"\x00Kernel panic - not syncing: %s\n\x00"  # a printk format in .rodata: '%' before its NUL
-           b"\x00\x10\x00\x00Error: invalid dtb and unrecognized/unsupported machine ID\x00\x00"  # a record
-           b"\x00Booting Linux on physical CPU 0x0\x00\x00")
-    assert kernel_log_lines(ram) == ("Error: invalid dtb and unrecognized/unsupported machine ID",
-                                     "Booting Linux on physical CPU 0x0")
+    ram = (
+        b"\x00\x01Booting Linux Kernel...\x00"  # the EFI stub's plain string inside the zImage copy
+        b"\x00Kernel panic - not syncing: %s\n\x00"  # a printk format in .rodata: '%' before its NUL
+        b"\x00\x10\x00\x00Error: invalid dtb and unrecognized/unsupported machine ID\x00\x00"  # a record
+        b"\x00Booting Linux on physical CPU 0x0\x00\x00"
+    )
+    assert kernel_log_lines(ram) == (
+        "Error: invalid dtb and unrecognized/unsupported machine ID",
+        "Booting Linux on physical CPU 0x0",
+    )
 
 
 # --- keep_evidence: which dumps stay in the case dir ---------------------------------------------------------
+
 
 def _dumped(out, tag: str, seg: SegmentSpec, data: bytes) -> None:
     (out / f"{tag}-{seg.role}-{seg.start:08x}.bin").write_bytes(data)
@@ -276,10 +331,13 @@ def test_a_big_clobbered_segment_keeps_only_its_changed_ranges(tmp_path):
     _dumped(tmp_path, "stop1", seg, image)
     _dumped(tmp_path, "stop2", seg, bytes(clobbered))
     _, as_loaded = load_fidelity({seg: image})
-    listing = keep_evidence(tmp_path, {seg: bytes(clobbered)}, segment_changes({seg: image}, {seg: bytes(clobbered)}),
-                            as_loaded)
-    assert listing[0]["stop2"] == ["stop2-initrd-418ed000-changed-418ed000-418ed100.bin",
-                                   "stop2-initrd-418ed000-changed-418f2000-418f2004.bin"]
+    listing = keep_evidence(
+        tmp_path, {seg: bytes(clobbered)}, segment_changes({seg: image}, {seg: bytes(clobbered)}), as_loaded
+    )
+    assert listing[0]["stop2"] == [
+        "stop2-initrd-418ed000-changed-418ed000-418ed100.bin",
+        "stop2-initrd-418ed000-changed-418f2000-418f2004.bin",
+    ]
     assert (tmp_path / listing[0]["stop2"][0]).read_bytes() == b"\xaa" * 0x100
     assert (tmp_path / listing[0]["stop2"][1]).read_bytes() == b"\x01\x02\x03\x04"
     assert sorted(p.name for p in tmp_path.glob("stop*.bin")) == sorted(listing[0]["stop2"])
@@ -290,35 +348,104 @@ def test_observation_to_dict_has_the_result_json_keys():
     from testbench.observe.observation import Clobber, Footprint, Observation, StopReport
     from testbench.observe.postmortem import Written
 
-    stops = (StopReport("zimage", 0x40008000, True, 0.5, 0x40008000, 0x42200000, 0xC50078, True),
-             StopReport("kernel", 0x40208000, False, None))
-    hang = Hang("decompress", 30.0, 2.0, "halt check", pc=0x415AA324, cpsr=0x600001D3, registers=tuple(range(16)),
-                insn="eafffffe", halted_for_good=True, written=(Written(0x41000000, 0x41001000, ("kernel",)),),
-                output=Output(0x40208000, 0x13A10B4, None), where=("decompressor.copy",), zimage_offset=0x1AC4,
-                strings={"r0": {"past": "XZ-compressed data is corrupt"}}, reasons=("the kernel entry never came",))
-    hung = Observation("decompress", stops, (), (), (Clobber("kernel", 0x40008000, 0x40008100, 0, 0x100),),
-                       kernel_log=("Booting Linux on physical CPU 0x0",), dumps="/x/observe", hang=hang)
+    stops = (
+        StopReport("zimage", 0x40008000, True, 0.5, 0x40008000, 0x42200000, 0xC50078, True),
+        StopReport("kernel", 0x40208000, False, None),
+    )
+    hang = Hang(
+        "decompress",
+        30.0,
+        2.0,
+        "halt check",
+        pc=0x415AA324,
+        cpsr=0x600001D3,
+        registers=tuple(range(16)),
+        insn="eafffffe",
+        halted_for_good=True,
+        written=(Written(0x41000000, 0x41001000, ("kernel",)),),
+        output=Output(0x40208000, 0x13A10B4, None),
+        where=("decompressor.copy",),
+        zimage_offset=0x1AC4,
+        strings={"r0": {"past": "XZ-compressed data is corrupt"}},
+        reasons=("the kernel entry never came",),
+    )
+    hung = Observation(
+        "decompress",
+        stops,
+        (),
+        (),
+        (Clobber("kernel", 0x40008000, 0x40008100, 0, 0x100),),
+        kernel_log=("Booting Linux on physical CPU 0x0",),
+        dumps="/x/observe",
+        hang=hang,
+    )
     d = hung.to_dict()
-    assert list(d) == ["phase", "stops", "fidelity", "clobbered", "by_design", "footprint", "kernel_log", "dumps",
-                       "hang"]
-    assert d["by_design"] == [{"segment": "kernel", "start": 0x40008000, "end": 0x40008100, "offset": 0,
-                               "end_offset": 0x100, "label": "kernel [0x40008000, 0x40008100) = +0x0..+0x100"}]
-    assert d["stops"][0] == {"name": "zimage", "expected_pc": 0x40008000, "reached": True, "seconds": 0.5,
-                             "pc": 0x40008000, "r2": 0x42200000, "sctlr": 0xC50078, "mmu_off": True, "problems": ()}
+    assert list(d) == [
+        "phase",
+        "stops",
+        "fidelity",
+        "clobbered",
+        "by_design",
+        "footprint",
+        "kernel_log",
+        "dumps",
+        "hang",
+    ]
+    assert d["by_design"] == [
+        {
+            "segment": "kernel",
+            "start": 0x40008000,
+            "end": 0x40008100,
+            "offset": 0,
+            "end_offset": 0x100,
+            "label": "kernel [0x40008000, 0x40008100) = +0x0..+0x100",
+        }
+    ]
+    assert d["stops"][0] == {
+        "name": "zimage",
+        "expected_pc": 0x40008000,
+        "reached": True,
+        "seconds": 0.5,
+        "pc": 0x40008000,
+        "r2": 0x42200000,
+        "sctlr": 0xC50078,
+        "mmu_off": True,
+        "problems": (),
+    }
     assert d["footprint"] == {}
-    assert d["hang"] == {"phase": "decompress", "deadline": 30.0, "waited": 2.0, "found_by": "halt check",
-                         "pc": 0x415AA324, "cpsr": 0x600001D3, "registers": list(range(16)), "insn": "eafffffe",
-                         "halted_for_good": True,
-                         "written": [{"start": 0x41000000, "end": 0x41001000, "regions": ["kernel"]}],
-                         "output_start": 0x40208000, "output_size": 0x13A10B4, "output_end": None,
-                         "where": ["decompressor.copy"], "zimage_offset": 0x1AC4,
-                         "strings": {"r0": {"past": "XZ-compressed data is corrupt"}},
-                         "reasons": ["the kernel entry never came"]}
+    assert d["hang"] == {
+        "phase": "decompress",
+        "deadline": 30.0,
+        "waited": 2.0,
+        "found_by": "halt check",
+        "pc": 0x415AA324,
+        "cpsr": 0x600001D3,
+        "registers": list(range(16)),
+        "insn": "eafffffe",
+        "halted_for_good": True,
+        "written": [{"start": 0x41000000, "end": 0x41001000, "regions": ["kernel"]}],
+        "output_start": 0x40208000,
+        "output_size": 0x13A10B4,
+        "output_end": None,
+        "where": ["decompressor.copy"],
+        "zimage_offset": 0x1AC4,
+        "strings": {"r0": {"past": "XZ-compressed data is corrupt"}},
+        "reasons": ["the kernel entry never came"],
+    }
     # Both stops came: a footprint and no post-mortem; a VM that could not be examined: the error alone.
     clean = Observation("kernel", stops, (), (), (), Footprint(0x41AE0000, (0x41000000, 0x42000000), False))
-    assert clean.to_dict()["footprint"] == {"highest_written_end": 0x41AE0000, "window": [0x41000000, 0x42000000],
-                                            "reached_window_top": False}
+    assert clean.to_dict()["footprint"] == {
+        "highest_written_end": 0x41AE0000,
+        "window": [0x41000000, 0x42000000],
+        "reached_window_top": False,
+    }
     assert clean.to_dict()["hang"] == {}
     lost = Hang("handoff", 30.0, 30.0, "deadline", error="post-mortem incomplete: boom", reasons=("r",))
-    assert lost.to_dict() == {"phase": "handoff", "deadline": 30.0, "waited": 30.0, "found_by": "deadline",
-                              "error": "post-mortem incomplete: boom", "reasons": ["r"]}
+    assert lost.to_dict() == {
+        "phase": "handoff",
+        "deadline": 30.0,
+        "waited": 30.0,
+        "found_by": "deadline",
+        "error": "post-mortem incomplete: boom",
+        "reasons": ["r"],
+    }

@@ -34,11 +34,13 @@ WINDOW = (BASE + 0xC000, BASE + 0x1C000)  # the pattern window: free RAM above t
 CPSR_SVC_MASKED = 0x600001D3  # SVC mode, IRQ and FIQ masked: what the decompressor runs with
 SCTLR_MMU_OFF = 0x00C50078  # bit 0 (M) clear
 B_SELF = bytes.fromhex("feffffea")  # `b .` in ARM state
-TARGET_XML = ('<?xml version="1.0"?><target><architecture>arm</architecture><feature name="org.gnu.gdb.arm.core">'
-              + "".join(f'<reg name="r{i}" bitsize="32"/>' for i in range(13))
-              + '<reg name="sp" bitsize="32"/><reg name="lr" bitsize="32"/><reg name="pc" bitsize="32"/>'
-              '<reg name="cpsr" bitsize="32" regnum="25"/></feature><feature name="org.qemu.gdb.arm.sys.regs">'
-              '<reg name="SCTLR" bitsize="32" regnum="26"/></feature></target>')
+TARGET_XML = (
+    '<?xml version="1.0"?><target><architecture>arm</architecture><feature name="org.gnu.gdb.arm.core">'
+    + "".join(f'<reg name="r{i}" bitsize="32"/>' for i in range(13))
+    + '<reg name="sp" bitsize="32"/><reg name="lr" bitsize="32"/><reg name="pc" bitsize="32"/>'
+    '<reg name="cpsr" bitsize="32" regnum="25"/></feature><feature name="org.qemu.gdb.arm.sys.regs">'
+    '<reg name="SCTLR" bitsize="32" regnum="26"/></feature></target>'
+)
 
 
 class FakeGdbStub:
@@ -46,8 +48,14 @@ class FakeGdbStub:
     where it is at attach). `writes[i]` is written to RAM when the CPU gets to trace[i]. Past the end of the
     trace the CPU spins where it is until interrupted."""
 
-    def __init__(self, path: Path, trace: list[int], writes: dict[int, tuple[int, bytes]], regs: dict[int, int],
-                 step_delay: float = 0.0):
+    def __init__(
+        self,
+        path: Path,
+        trace: list[int],
+        writes: dict[int, tuple[int, bytes]],
+        regs: dict[int, int],
+        step_delay: float = 0.0,
+    ):
         self.mem = bytearray(RAM)
         self.trace, self.writes, self.step_delay = trace, writes, step_delay
         self.i = 0
@@ -62,19 +70,21 @@ class FakeGdbStub:
         self._server.bind(str(path))
         self._server.listen(1)
         self._peer: socket.socket | None = None
-        self._threads = [threading.Thread(target=self._serve, daemon=True),
-                         threading.Thread(target=self._cpu, daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._serve, daemon=True),
+            threading.Thread(target=self._cpu, daemon=True),
+        ]
         for t in self._threads:
             t.start()
 
     # --- RAM, as kexec left it and as QMP pmemsave reads it ---------------------------------------------
     def load(self, address: int, data: bytes) -> None:
-        self.mem[address - BASE:address - BASE + len(data)] = data
+        self.mem[address - BASE : address - BASE + len(data)] = data
 
     def read(self, address: int, size: int) -> bytes:
         with self.cond:  # re-entrant: the protocol thread reads with it held
             if address >= BASE and address + size <= BASE + RAM:
-                return bytes(self.mem[address - BASE:address - BASE + size])
+                return bytes(self.mem[address - BASE : address - BASE + size])
             return bytes(size)
 
     def pmemsave(self, address: int, size: int, path: Path) -> None:
@@ -229,14 +239,30 @@ def _files(tmp_path: Path) -> tuple[Path, Path]:
 
 def _plan(tmp_path: Path, kernel_entry: int) -> Plan:
     kernel, initrd = _files(tmp_path)
-    return Plan(entry=ZIMAGE, kernel_entry=kernel_entry, text_offset=kernel_entry - BASE, text_offset_source="test",
-                dtb=DTB, segments=(SegmentSpec("kernel", ZIMAGE, ZIMAGE_SIZE, kernel),
-                                   SegmentSpec("initrd", INITRD, INITRD_SIZE, initrd)),
-                fill=WINDOW, regions=(("kernel", kernel_entry, kernel_entry + 0x40000),), ram=(BASE, BASE + RAM))
+    return Plan(
+        entry=ZIMAGE,
+        kernel_entry=kernel_entry,
+        text_offset=kernel_entry - BASE,
+        text_offset_source="test",
+        dtb=DTB,
+        segments=(
+            SegmentSpec("kernel", ZIMAGE, ZIMAGE_SIZE, kernel),
+            SegmentSpec("initrd", INITRD, INITRD_SIZE, initrd),
+        ),
+        fill=WINDOW,
+        regions=(("kernel", kernel_entry, kernel_entry + 0x40000),),
+        ram=(BASE, BASE + RAM),
+    )
 
 
-def _stub(sock_dir: Path, plan: Plan, trace: list[int], writes: dict[int, tuple[int, bytes]],
-          step_delay: float = 0.0, regs: dict[int, int] | None = None) -> FakeGdbStub:
+def _stub(
+    sock_dir: Path,
+    plan: Plan,
+    trace: list[int],
+    writes: dict[int, tuple[int, bytes]],
+    step_delay: float = 0.0,
+    regs: dict[int, int] | None = None,
+) -> FakeGdbStub:
     stub = FakeGdbStub(sock_dir / "gdb.sock", trace, writes, {2: DTB} | (regs or {}), step_delay)
     for seg in plan.segments:  # what kexec -l put there
         assert seg.source is not None
@@ -268,15 +294,20 @@ def test_text_offset_0x8000_steps_off_the_zimage_entry_and_rearms_the_same_break
     plan = _plan(tmp_path, kernel_entry=ZIMAGE)
     trace = [BASE + 0x90000, BASE + 0x90004, ZIMAGE, ZIMAGE + 4, *DECOMPRESSOR, ZIMAGE, ZIMAGE + 4, ZIMAGE + 8]
     stub = _stub(sock_dir, plan, trace, {})
-    stub.writes = {5: _inverted(stub, INITRD + 0x100, 0x80), 6: (BASE + 0x12000, b"\x11" * 16),
-                   7: _inverted(stub, ZIMAGE, 0x40)}
+    stub.writes = {
+        5: _inverted(stub, INITRD + 0x100, 0x80),
+        6: (BASE + 0x12000, b"\x11" * 16),
+        7: _inverted(stub, ZIMAGE, 0x40),
+    }
     try:
         got = _observe(stub, sock_dir, plan, tmp_path / "observe")
     finally:
         stub.close()
     assert got.phase == "kernel", got.hang
     assert [(s.name, s.reached, s.pc, s.r2, s.mmu_off, s.problems) for s in got.stops] == [
-        ("zimage", True, ZIMAGE, DTB, True, ()), ("kernel", True, ZIMAGE, DTB, True, ())]
+        ("zimage", True, ZIMAGE, DTB, True, ()),
+        ("kernel", True, ZIMAGE, DTB, True, ()),
+    ]
     # Stop 2 came after the decompressor ran, not at once where stop 1 was.
     assert got.clobbered == (Clobber("initrd", INITRD + 0x100, INITRD + 0x180, 0x100, 0x180),)
     assert got.by_design == (Clobber("kernel", ZIMAGE, ZIMAGE + 0x40, 0, 0x40),)
@@ -286,8 +317,8 @@ def test_text_offset_0x8000_steps_off_the_zimage_entry_and_rearms_the_same_break
     bp = f"{ZIMAGE:x},4".encode()
     sent = stub.packets
     off = sent.index(b"z1," + bp)
-    assert sent[off:off + 3] == [b"z1," + bp, b"s", b"g"]  # the step's stop reply reads the registers
-    assert sent[off + 3:off + 5] == [b"Z1," + bp, b"c"]
+    assert sent[off : off + 3] == [b"z1," + bp, b"s", b"g"]  # the step's stop reply reads the registers
+    assert sent[off + 3 : off + 5] == [b"Z1," + bp, b"c"]
     assert sent[-1] == b"D"
 
 
@@ -305,8 +336,7 @@ def test_the_kernel_entry_wait_samples_the_pc_and_resumes_until_the_breakpoint(s
     finally:
         stub.close()
     assert got.phase == "kernel", got.hang
-    assert [(s.name, s.reached, s.pc) for s in got.stops] == [("zimage", True, ZIMAGE),
-                                                              ("kernel", True, kernel_entry)]
+    assert [(s.name, s.reached, s.pc) for s in got.stops] == [("zimage", True, ZIMAGE), ("kernel", True, kernel_entry)]
     assert got.clobbered == (Clobber("initrd", INITRD, INITRD + 0x20, 0, 0x20),)
     assert stub.interrupts >= 3, stub.interrupts
     # Only the zImage breakpoint is removed at stop 1: no step-off when the two entries differ.
@@ -329,13 +359,18 @@ def test_a_halt_loop_with_interrupts_masked_ends_the_kernel_entry_wait_at_once(s
         stub.close()
     assert got.phase == "decompress"
     assert got.hang is not None
-    assert (got.hang.found_by, got.hang.pc, got.hang.insn, got.hang.halted_for_good) == \
-        ("halt check", ZIMAGE + 0x100, "eafffffe", True)
+    assert (got.hang.found_by, got.hang.pc, got.hang.insn, got.hang.halted_for_good) == (
+        "halt check",
+        ZIMAGE + 0x100,
+        "eafffffe",
+        True,
+    )
     assert got.hang.waited < 1.5 * timeout_factor(), got.hang.waited  # the deadline is 3 s
     assert got.hang.zimage_offset == 0x100
     assert got.hang.strings["r0"] == {"past": "XZ-compressed data is corrupt"}
-    assert got.hang.reasons[0].startswith(f"the kernel entry {kernel_entry:#x} never came within the decompress "
-                                          f"deadline ({3.0 * timeout_factor():.0f} s)")
+    assert got.hang.reasons[0].startswith(
+        f"the kernel entry {kernel_entry:#x} never came within the decompress deadline ({3.0 * timeout_factor():.0f} s)"
+    )
     assert "spins in a branch-to-self" in got.hang.reasons[0]
     assert [(s.name, s.reached) for s in got.stops] == [("zimage", True), ("kernel", False)]
     assert (tmp_path / "observe" / "hung-decompress-ram.bin").is_file()

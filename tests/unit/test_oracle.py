@@ -27,9 +27,9 @@ MiB = 1 << 20
 
 # --- placement ------------------------------------------------------------------------------------------
 
+
 def test_place_seed_a():
-    p = place([(0x20000000, 0xA0000000)], ">=2.0.17", 0x443AC0, 0x443AC0, 0xB78080, 0x3D3C0, None,
-              0x167213D, 0x6043)
+    p = place([(0x20000000, 0xA0000000)], ">=2.0.17", 0x443AC0, 0x443AC0, 0xB78080, 0x3D3C0, None, 0x167213D, 0x6043)
     assert p.kernel_base == 0x20008000
     assert p.image_size == 0xFCCB40
     assert p.initrd == (0x20FD5000, 0x167213D)
@@ -39,8 +39,17 @@ def test_place_seed_a():
 
 @pytest.mark.parametrize("initrd, dtb_at", [(0x53F46A, 0x11A50000), (None, 0x11511000)])
 def test_place_seed_b(initrd, dtb_at):
-    p = place([(0x10000000, 0x50000000)], version_family("2.0.20"), 0x7273A8, 0x7273A8, 0xDBEDB8, 0x7489F8,
-              None, initrd, 0xB044)
+    p = place(
+        [(0x10000000, 0x50000000)],
+        version_family("2.0.20"),
+        0x7273A8,
+        0x7273A8,
+        0xDBEDB8,
+        0x7489F8,
+        None,
+        initrd,
+        0xB044,
+    )
     assert p.image_size == 0x15077B0
     assert p.dtb[0] == dtb_at
     if initrd:
@@ -89,13 +98,15 @@ def test_version_family():
 
 # --- seed logs through analyze ------------------------------------------------------------------------
 
+
 def test_seed_a_malloc_overlaps_initrd(seed_text):
     pred = analyze(parse_kexec_log(seed_text("seed_a")))
     regions = {r.name: (r.start, r.end) for r in pred.regions}
     assert regions["decompressor.copy"] == (0x20B80B00, 0x20FC4500)
     assert regions["decompressor.malloc"] == (0x20FC5500, 0x20FD5500)  # decompressor bss shown as 0
     assert [(c.a, c.b, c.start, c.end) for c in pred.collisions] == [
-        ("decompressor.malloc", "initrd", 0x20FD5000, 0x20FD5500)]  # the first 0x500 + bss bytes
+        ("decompressor.malloc", "initrd", 0x20FD5000, 0x20FD5500)
+    ]  # the first 0x500 + bss bytes
     assert pred.collisions[0].severity == "benign"  # 0xFB00 - bss into the arena, above MALLOC_USED_BOUND
     assert pred.verdict == "safe"
     assert any("C: line" in a for a in pred.assumptions)
@@ -137,6 +148,7 @@ def test_seed_b_footprint_end_worst_case(seed_text):
 # facts (debian_kernel.package_facts), with the decompressor constants R, P and its bss, which only the
 # binary holds, spanning DOMAIN 7.1's ranges: the footprint is then known to within a few KiB.
 
+
 @dataclass(frozen=True)
 class DebianExpect:
     exact: dict | None  # the table's virt_2_0_25 entry
@@ -148,10 +160,20 @@ class DebianExpect:
 def expect(debian_zimage) -> DebianExpect:
     facts = facts_for(debian_zimage)
     if facts is not None:
-        known = dict(size=facts["size"], inflated=facts["inflated_size"], kernel_bss=facts["kernel_bss"],
-                     text_offset=facts["text_offset"])
-        exact = kexec_2_0_17_layout(0x40000000, MiB, **known, restart=facts["restart"],
-                                    reloc_pad=facts["reloc_pad"], stack_end=facts["stack_end"])
+        known = dict(
+            size=facts["size"],
+            inflated=facts["inflated_size"],
+            kernel_bss=facts["kernel_bss"],
+            text_offset=facts["text_offset"],
+        )
+        exact = kexec_2_0_17_layout(
+            0x40000000,
+            MiB,
+            **known,
+            restart=facts["restart"],
+            reloc_pad=facts["reloc_pad"],
+            stack_end=facts["stack_end"],
+        )
         assert exact["advice"] == facts["virt_2_0_25"]["advice"]  # test_kernel_facts checks every field
         return DebianExpect(facts["virt_2_0_25"], exact, exact)
     if not KernelTree(debian_zimage).config.is_file():
@@ -161,10 +183,12 @@ def expect(debian_zimage) -> DebianExpect:
         pytest.skip(f"{pf.compression} payload: its inflated size has no source but the tag under test")
     known = dict(size=pf.size, inflated=pf.inflated_size, kernel_bss=pf.kernel_bss, text_offset=pf.text_offset)
     # malloc_end grows with P and the decompressor bss, and falls as restart rises
-    lo = kexec_2_0_17_layout(0x40000000, MiB, **known, restart=0x1FE0, reloc_pad=0x800,
-                             stack_end=align_up(pf.size, 8) + 4096)
-    hi = kexec_2_0_17_layout(0x40000000, MiB, **known, restart=0, reloc_pad=0xC00,
-                             stack_end=align_up(pf.size + 0x1000, 8) + 4096)
+    lo = kexec_2_0_17_layout(
+        0x40000000, MiB, **known, restart=0x1FE0, reloc_pad=0x800, stack_end=align_up(pf.size, 8) + 4096
+    )
+    hi = kexec_2_0_17_layout(
+        0x40000000, MiB, **known, restart=0, reloc_pad=0xC00, stack_end=align_up(pf.size + 0x1000, 8) + 4096
+    )
     return DebianExpect(None, lo, hi)
 
 
@@ -210,13 +234,15 @@ def test_debian_advise_virt(debian_zimage, expect):
     less = predict(zi, VIRT_1G, "2.0.25", a.image_size - 0x1000, MiB, MiB)
     got = [(c.a, c.b, c.start, c.end) for c in less.collisions]
     if expect.exact is not None:
-        assert got == [("decompressor.malloc", "initrd", 0x40008000 + a.image_size - 0x1000,
-                        expect.exact["malloc_end"])]
+        assert got == [
+            ("decompressor.malloc", "initrd", 0x40008000 + a.image_size - 0x1000, expect.exact["malloc_end"])
+        ]
     else:
         assert [g[:2] for g in got] == [("decompressor.malloc", "initrd")]
 
 
 # --- synthetic zImages through predict/advise ----------------------------------------------------------
+
 
 def test_no_image_size_needed_for_small_kernel(make_zimage):
     # TEXT_OFFSET 0x8000 and a kernel bss larger than Z + 0x11000 + P: kexec's total covers the decompressor
@@ -240,6 +266,7 @@ def test_unknown_without_tag(make_zimage):
 
 
 # --- CLI and SVG ---------------------------------------------------------------------------------------
+
 
 def _cli(argv):
     import argparse

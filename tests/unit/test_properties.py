@@ -31,11 +31,14 @@ zimages = st.builds(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(raw=zimages, base=st.sampled_from([0x0, 0x10000000, 0x40000000, 0x60000000, 0x80000000]),
-       ram=st.sampled_from([256 * MiB, 512 * MiB, 1024 * MiB]),
-       initrd=st.one_of(st.none(), st.integers(1, 100 * MiB)),
-       dtb=st.one_of(st.none(), st.integers(0x1000, MiB)),
-       version=st.sampled_from(["2.0.12", "2.0.14", "2.0.16", "2.0.18", "2.0.25"]))
+@given(
+    raw=zimages,
+    base=st.sampled_from([0x0, 0x10000000, 0x40000000, 0x60000000, 0x80000000]),
+    ram=st.sampled_from([256 * MiB, 512 * MiB, 1024 * MiB]),
+    initrd=st.one_of(st.none(), st.integers(1, 100 * MiB)),
+    dtb=st.one_of(st.none(), st.integers(0x1000, MiB)),
+    version=st.sampled_from(["2.0.12", "2.0.14", "2.0.16", "2.0.18", "2.0.25"]),
+)
 def test_advised_image_size_never_collides(raw, base, ram, initrd, dtb, version):
     zi = parse_zimage(raw)
     ranges = [(base, base + ram)]
@@ -74,8 +77,10 @@ def test_truncated_or_noisy_seed_only_raises_kexec_log_error(cut, noise, at):
 
 
 @settings(max_examples=200, deadline=None)
-@given(noise=st.lists(st.text(alphabet=st.characters(blacklist_characters="\r\n"), max_size=60), max_size=4),
-       at=st.integers(0, len(SEED_LINES)))
+@given(
+    noise=st.lists(st.text(alphabet=st.characters(blacklist_characters="\r\n"), max_size=60), max_size=4),
+    at=st.integers(0, len(SEED_LINES)),
+)
 def test_console_lines_between_kexec_lines_change_nothing(noise, at):
     # Board reports interleave kernel console lines with kexec's; lines without a hex number or a MEMORY
     # RANGES heading must leave the parsed plan exactly as the clean log's.
@@ -91,8 +96,11 @@ def test_console_lines_between_kexec_lines_change_nothing(noise, at):
 @given(st.binary(max_size=0x400))
 def test_random_bytes_are_refused_with_zimage_error(raw):
     # Without the zImage magic at 0x24 (and no gzip/uImage wrapper), nothing is a zImage.
-    assume(raw[0x24:0x28] != struct.pack("<I", 0x016F2818) and raw[:2] != b"\x1f\x8b"
-           and raw[:4] != bytes.fromhex("27051956"))
+    assume(
+        raw[0x24:0x28] != struct.pack("<I", 0x016F2818)
+        and raw[:2] != b"\x1f\x8b"
+        and raw[:4] != bytes.fromhex("27051956")
+    )
     with pytest.raises(ZImageError):
         parse_zimage(raw)
 

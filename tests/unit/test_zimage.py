@@ -12,15 +12,30 @@ from testbench.errors import UserError
 from testbench.inputs.zimage import ZImageError, parse_zimage, read_zimage
 
 # ZImage fields pinned per build in kernel_facts.toml (measured with od there, not with this reader).
-EXACT_FIELDS = ("size", "table_offset", "tag_words", "size_ptr", "inflated_size", "kernel_bss", "text_offset",
-                "malloc_size", "restart", "reloc_pad", "decompressor_bss", "bss_end", "stack_end")
+EXACT_FIELDS = (
+    "size",
+    "table_offset",
+    "tag_words",
+    "size_ptr",
+    "inflated_size",
+    "kernel_bss",
+    "text_offset",
+    "malloc_size",
+    "restart",
+    "reloc_pad",
+    "decompressor_bss",
+    "bss_end",
+    "stack_end",
+)
 
 
 def test_debian_armmp_constants(kernel_tree):
     facts = facts_for(kernel_tree.zimage)
     if facts is None:
-        pytest.skip(f"zImage sha256 {kernel_tree.sha256} ({kernel_tree.release}) is not in kernel_facts.toml; "
-                    "test_kernel_facts.py still checks it against its package")
+        pytest.skip(
+            f"zImage sha256 {kernel_tree.sha256} ({kernel_tree.release}) is not in kernel_facts.toml; "
+            "test_kernel_facts.py still checks it against its package"
+        )
     z = read_zimage(kernel_tree.zimage)
     assert {f: getattr(z, f) for f in EXACT_FIELDS} == {f: facts[f] for f in EXACT_FIELDS}, facts["package"]
     assert z.file_size == facts["file_size"]
@@ -43,7 +58,7 @@ def test_unaligned_size_ptr(make_zimage):
     raw = make_zimage(z=0x9000, inflated=0x01020304)
     z = parse_zimage(raw)
     assert z.size_ptr % 4 != 0
-    assert raw[z.size_ptr:z.size_ptr + 4] == bytes([4, 3, 2, 1])
+    assert raw[z.size_ptr : z.size_ptr + 4] == bytes([4, 3, 2, 1])
     assert z.inflated_size == 0x01020304
 
 

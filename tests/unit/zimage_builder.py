@@ -10,10 +10,22 @@ DATA = Path(__file__).parent / "data"
 KLSZ = 0x5A534C4B
 
 
-def build_zimage(z: int = 0x8000, tag_words: int | None = 6, inflated: int = 0x123457, kbss: int = 0x5E4D4,
-                 text_offset: int = 0x208000, malloc: int = 0x10000, efi: bool = False, thumb2: bool = False,
-                 restart: int = 0x10B4, pad: int | None = 0x900, dbss: int = 0x418, lc0_layout: str = "new",
-                 appended_dtb: int | None = None, table: int = 0x2F0) -> bytes:
+def build_zimage(
+    z: int = 0x8000,
+    tag_words: int | None = 6,
+    inflated: int = 0x123457,
+    kbss: int = 0x5E4D4,
+    text_offset: int = 0x208000,
+    malloc: int = 0x10000,
+    efi: bool = False,
+    thumb2: bool = False,
+    restart: int = 0x10B4,
+    pad: int | None = 0x900,
+    dbss: int = 0x418,
+    lc0_layout: str = "new",
+    appended_dtb: int | None = None,
+    table: int = 0x2F0,
+) -> bytes:
     """A zImage with the header, tag table, LC0/LC1 literals and relocation instructions of DOMAIN.md.
 
     The inflated size sits at an odd (unaligned) offset, as in the Debian kernel.
