@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from .deadlines import PHASES
 from .emulator.console import ConsoleClosed, ConsoleTimeout
 from .emulator.guest import Shell
 from .emulator.qemu import QemuProcess, qemu_version
@@ -25,7 +26,7 @@ from .inputs.zimage import ZImage
 from .observe.observation import Observation
 from .observe.observer import Observer
 from .observe.plan import make_plan
-from .observe.stage2 import STAGE2_TIMEOUTS, finish_run, watch_stage2
+from .observe.stage2 import finish_run, watch_stage2
 from .oracle import Prediction, analyze
 from .prepare import CaseRequest, PreparedCase, guest_commands, prepare_case
 from .report.artifacts import write_case_artifacts
@@ -44,10 +45,7 @@ __all__ = [
 ]
 
 TAIL_IN_REASONS = 15  # console lines quoted in a hang's reasons (console.log has them all)
-# Per-phase deadlines in seconds, before TESTBENCH_TIMEOUT_FACTOR. Measured on 2 TCG cores: stage 1 boots
-# in ~5 s, kexec -l of a 32 MB initrd over 9p takes ~4 s (100 MB took 48 s with the host fully loaded, hence
-# 0.8 s/MiB). The stage-2 budgets live beside the stage-2 watch (observe/stage2.py).
-TIMEOUTS = {"boot1": 90.0, "command": 30.0, "load_base": 30.0, "load_per_mib": 0.8, **STAGE2_TIMEOUTS}
+TIMEOUTS = PHASES  # the per-phase deadlines (deadlines.py), under the name the tests know
 LAYOUT_ONLY = "layout only (--until kernel-entry): judged at the kernel entry, stage 2 not booted"
 
 

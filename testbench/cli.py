@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .errors import BenchError, UserError
 from .sizes import format_size, parse_size
+from .verdict import UNTIL
 
 SUBCOMMAND_MODULES = ("oracle_cli", "replay_cli", "doctor", "matrix")
 DEMO_PLACEMENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--until",
-        choices=("init", "kernel-entry"),
+        choices=UNTIL,
         default="init",
         help="kernel-entry: a layout verdict from the ground truth at the kernel entry, without "
         "booting stage 2 (implies --observe)",

@@ -21,6 +21,7 @@ from pathlib import Path
 from .datafiles import data_path
 from .errors import UserError
 from .sizes import parse_size
+from .verdict import UNTIL
 
 DEFAULT_MATRIX = data_path("matrix.toml")
 AXES = ("machine", "ram", "initrd", "placement", "kernel", "kexec", "memmap")
@@ -265,7 +266,7 @@ def register(subparsers) -> None:
         parser.add_argument(f"--{axis}", action="append", help=f"only these {axis} values (repeatable)")
     parser.add_argument(
         "--until",
-        choices=("init", "kernel-entry"),
+        choices=UNTIL,
         help="kernel-entry: layout verdicts from the ground truth, no stage-2 boot (default init)",
     )
     parser.add_argument(

@@ -18,9 +18,9 @@ from .inputs.images import Images
 from .inputs.initramfs import cached_stage2_initrd, stage1_initramfs
 from .inputs.memmap import PLAIN, dump_qemu_dtb, get_memmap, stage1_dtb
 from .inputs.zimage import ZImage, read_zimage
+from .verdict import UNTIL
 
 GUEST_SHARE = "/mnt"
-UNTIL = ("init", "kernel-entry")
 # Beyond the kernel and the initrd, a case dir holds the loader bundle (~6 MiB), logs and dumps.
 OUT_DIR_SLACK = 32 << 20
 

@@ -14,6 +14,7 @@ import pytest
 
 from .datafiles import data_path
 from .matrix import Cell, RunMode, load_matrix, run_cell
+from .verdict import UNTIL
 
 AXIS_OPTIONS = {
     "machine": "--tb-machine",
@@ -35,7 +36,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group.addoption(option, action="append", help=f"only these {axis} values (repeatable)")
     group.addoption(
         "--tb-until",
-        choices=("init", "kernel-entry"),
+        choices=UNTIL,
         help="kernel-entry: layout verdicts only, no stage-2 boot (default init)",
     )
     group.addoption("--tb-no-observe", action="store_true", help="no gdbstub stops and segment diffs")

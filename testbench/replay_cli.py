@@ -16,6 +16,7 @@ from .inputs.kexeclog import parse_kexec_log
 from .observe.observer import STOP_DEADLINES
 from .replay import ReplayRequest, replay
 from .sizes import parse_size
+from .verdict import UNTIL
 
 
 def _address(text: str, base: int, what: str) -> int:
@@ -137,7 +138,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--from-log", help="take the addresses from a kexec --debug log, relative to its RAM base")
     p.add_argument(
         "--until",
-        choices=("init", "kernel-entry"),
+        choices=UNTIL,
         help="init: boot on to the stage-2 marker and check payload, DTB and cmdline (default with a "
         "generated initrd); kernel-entry: judge the layout at the kernel entry (default otherwise)",
     )

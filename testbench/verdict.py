@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from .observe.observation import Observation
 from .oracle import Collision, Prediction
 
-PHASES = ("boot1", "load", "handoff", "decompress", "kernel", "init")
+# How far a case (or a replay) goes: to stage 2's init, or to the kernel entry (a layout verdict only).
+UNTIL = ("init", "kernel-entry")
 
 # Console lines that prove a phase was entered.
 PROGRESS = (

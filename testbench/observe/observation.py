@@ -62,10 +62,6 @@ class Observation:
     dumps: str = ""
     hang: Hang | None = None  # post-mortem when a stop never came
 
-    @property
-    def intact(self) -> bool:
-        return not self.clobbered and all(s.reached for s in self.stops)
-
     def stop(self, name: str) -> StopReport | None:
         return next((s for s in self.stops if s.name == name), None)
 

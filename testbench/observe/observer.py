@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..deadlines import STOPS
 from ..emulator.console import timeout_factor
 from ..emulator.gdbstub import GdbError, GdbStub, Stop
 from .dtbprobe import dtb_problems
@@ -39,9 +40,7 @@ from .postmortem import (
     string_before,
 )
 
-# Seconds, before TESTBENCH_TIMEOUT_FACTOR. Measured: kexec -e to zImage entry 0.5-0.7 s, zImage entry to
-# kernel entry (XZ) 1.9-2.4 s (DOMAIN 8.5); 30 s leaves a wide margin for a loaded host.
-STOP_DEADLINES = {"handoff": 30.0, "decompress": 30.0}
+STOP_DEADLINES = STOPS  # deadlines.py
 SCTLR_M = 1  # SCTLR bit 0: MMU enable
 # While waiting for the kernel entry, look at the PC this often: a CPU halted for good is found in seconds
 # instead of at the deadline. Not scaled: it is a sampling period, not a deadline.

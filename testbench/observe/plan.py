@@ -32,7 +32,6 @@ class Plan:
     entry: int  # kexec's entry: the zImage
     kernel_entry: int  # RAM base + TEXT_OFFSET (after the fdt_check_mem_start correction)
     text_offset: int
-    text_offset_source: str
     dtb: int | None
     segments: tuple[SegmentSpec, ...]
     fill: tuple[int, int] | None  # pattern window [start, end), free RAM only
@@ -64,10 +63,8 @@ def make_plan(
     bootargs: str | None,
 ) -> Plan:
     """Where to stop and what to dump, from the parsed load plan."""
-    if zimage.text_offset is not None:
-        to, source = zimage.text_offset, "zImage tag"
-    else:
-        to, source = 0x8000, "oracle assumption (kexec-tools' 0x8000; the zImage does not say)"
+    # The zImage's tag word, else kexec-tools' own assumption (0x8000) when the zImage does not say.
+    to = zimage.text_offset if zimage.text_offset is not None else 0x8000
     load = log.kernel.address if log.kernel else log.entry
     entry = log.entry if log.entry is not None else load
     assert load is not None and entry is not None
@@ -101,4 +98,4 @@ def make_plan(
         fill = (lo, hi)
     dtb = log.dtb.address if log.dtb else None
     regions = tuple((r.name, r.start, r.end) for r in layout if r.role != "ram")
-    return Plan(entry, kentry, to, source, dtb, tuple(segments), fill, bootargs, regions, ram)
+    return Plan(entry, kentry, to, dtb, tuple(segments), fill, bootargs, regions, ram)

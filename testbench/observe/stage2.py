@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from ..deadlines import PHASES
 from ..emulator.console import Console, ConsoleTimeout, timeout_factor
 from ..emulator.qemu import QemuProcess
 from ..oracle import Prediction
@@ -17,12 +18,6 @@ from .observation import Observation
 from .observer import Observer
 from .postmortem import kernel_log_lines
 
-# Seconds, before TESTBENCH_TIMEOUT_FACTOR. Measured on 2 TCG cores: a stage-2 boot takes ~7 s plus ~0.1 s
-# per MiB of payload. From "Bye!" to the new kernel's first earlycon line takes ~3 s (handoff + XZ
-# decompression), so 15 s of silence there is a hang (15 s leaves room for a loaded host). When the
-# observer saw the kernel entry, handoff and decompression are behind us and earlycon speaks within
-# ~0.5 s: 6 s of silence is a hang.
-STAGE2_TIMEOUTS = {"stage2_base": 90.0, "stage2_per_mib": 0.6, "silence": 15.0, "silence_after_entry": 6.0}
 KERNEL_LOG_SPAN = 32 << 20  # RAM above the kernel entry searched for log lines after a silent hang
 
 
@@ -43,10 +38,10 @@ def watch_stage2(
     """
     console = qemu.console
     assert console is not None
-    budget = STAGE2_TIMEOUTS["stage2_base"] + STAGE2_TIMEOUTS["stage2_per_mib"] * mib
+    budget = PHASES["stage2_base"] + PHASES["stage2_per_mib"] * mib
     deadline = None if console.no_deadlines else time.monotonic() + budget * timeout_factor()
     quiet_since = resumed_at or 0.0
-    silence = STAGE2_TIMEOUTS["silence_after_entry" if kernel_entered else "silence"] * timeout_factor()
+    silence = PHASES["silence_after_entry" if kernel_entered else "silence"] * timeout_factor()
     while True:
         try:
             found = console.wait_for(STAGE2_MARKER, 1.0, "stage 2", start, fail_on_close=False)

@@ -200,7 +200,6 @@ def _plan() -> Plan:
         entry=0x40008000,
         kernel_entry=0x40208000,
         text_offset=0x208000,
-        text_offset_source="tag",
         dtb=0x42200000,
         segments=(),
         fill=None,

@@ -243,7 +243,6 @@ def _plan(tmp_path: Path, kernel_entry: int) -> Plan:
         entry=ZIMAGE,
         kernel_entry=kernel_entry,
         text_offset=kernel_entry - BASE,
-        text_offset_source="test",
         dtb=DTB,
         segments=(
             SegmentSpec("kernel", ZIMAGE, ZIMAGE_SIZE, kernel),
