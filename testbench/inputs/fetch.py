@@ -176,7 +176,8 @@ def fetch_images(
     """Make the cache hold exactly SUITE's locked set (default: the lock's default suite). The archive is
     asked only when something is missing. A locked version the archive no longer has is one UserError,
     before anything is downloaded; with drift allowed the archive's current set is taken and recorded."""
-    locked = read_lock().suite(suite)
+    lock = read_lock()
+    locked = lock.suite(suite)
     root = cache_dir()
     if offline():
         say("TESTBENCH_OFFLINE is set: using the cache as it is")
@@ -207,14 +208,14 @@ def fetch_images(
                 drift = _drift(locked, wanted)
                 for item in drift:
                     say(f"DRIFT {item.describe()}")
-            for want in wanted:
-                if not _cached(root, want):
-                    _download(root, apt, want, say)
+                missing = [w for w in wanted if not _cached(root, w)]
+            for want in missing:
+                _download(root, apt, want, say)
         release = kernel.removeprefix("linux-image-")
         _depmod(root / "tree" / next(w.sha256 for w in wanted if w.name == kernel), release)
         manifest = {
             "suite": locked.suite,
-            "lock": str(read_lock().path),
+            "lock": str(lock.path),
             "lock_sha256": locked.sha256,
             "drift": [d.to_dict() for d in drift],
             "kernel_package": kernel,
