@@ -35,9 +35,9 @@ def _run_one(
     quiet: bool = False,
 ):
     from .case import CaseRequest, prepare_case, run_case
-    from .emulator.machines import get_machine
     from .emulator.qemu import qemu_version
     from .inputs.images import kernel_path, kexec_path, load_images
+    from .machines import get_machine
 
     machine = get_machine(machine_name)
     qemu_version()  # fail early, with a clear line, when QEMU is missing or too old
@@ -81,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     """No --machine: every machine, with kexec's default placement and with a large enough --image-size."""
-    from .emulator.machines import all_machines
+    from .machines import all_machines
 
     root = Path(args.out) if args.out else Path("out") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     rows = []

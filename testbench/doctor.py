@@ -61,8 +61,8 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess[str] | None:
 
 
 def check_qemu() -> Iterator[Finding]:
-    from .emulator.machines import all_machines
     from .emulator.qemu import MIN_QEMU_VERSION, QEMU_BINARY, qemu_version
+    from .machines import all_machines
 
     install = f"apt-get install {QEMU_BINARY}"
     binary = shutil.which(QEMU_BINARY)
@@ -174,9 +174,9 @@ def check_case_files() -> Iterator[Finding]:
     """The files a case opens, per machine: the stage-1 kernel, busybox, kexec and its libraries, the board's
     DTB; and the board itself started with exactly the devices a case gives it (a missing ROM or firmware
     stops QEMU at once: that is how virt's default NIC failed on a fresh machine)."""
-    from .emulator.machines import all_machines
     from .emulator.qemu import QemuSpec, qemu_args, qemu_binary
     from .inputs.images import load_images
+    from .machines import all_machines
 
     try:
         images = load_images()

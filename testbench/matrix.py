@@ -94,10 +94,10 @@ def kexec_args_for(cell: Cell) -> list[str]:
         return []
     if cell.placement != "advised":
         return cell.placement.split()
-    from .emulator.machines import get_machine
     from .inputs.images import kernel_path
     from .inputs.memmap import get_memmap
     from .inputs.zimage import read_zimage
+    from .machines import get_machine
     from .oracle import DEFAULT_VERSION, advise
 
     machine = get_machine(cell.machine)

@@ -138,7 +138,7 @@ def _ram(args: argparse.Namespace) -> tuple[list[tuple[int, int]], str | None, i
     """RAM ranges, and the DTB size the machine implies."""
     dtb = None
     if args.machine:
-        from .emulator.machines import get_machine
+        from .machines import get_machine
 
         m = get_machine(args.machine)
         size = _int(args.ram_size, "--ram-size") or m.default_ram

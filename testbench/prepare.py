@@ -10,7 +10,6 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .emulator.machines import Machine
 from .emulator.qemu import SHARE_TAG, QemuSpec, qemu_binary
 from .errors import BenchError, UserError
 from .inputs.checks import Input, Loader, check_dtb, check_kexec, describe, existing_file, loader_bundle
@@ -18,6 +17,7 @@ from .inputs.images import Images
 from .inputs.initramfs import cached_stage2_initrd, stage1_initramfs
 from .inputs.memmap import PLAIN, dump_qemu_dtb, get_memmap, stage1_dtb
 from .inputs.zimage import ZImage, read_zimage
+from .machines import Machine
 from .verdict import UNTIL
 
 GUEST_SHARE = "/mnt"

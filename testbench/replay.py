@@ -25,7 +25,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .emulator.machines import Machine
 from .emulator.qemu import QemuProcess, QemuSpec, qemu_binary
 from .errors import UserError
 from .inputs import dtb
@@ -33,6 +32,7 @@ from .inputs.initramfs import Stage2Initrd, build_stage2_initrd
 from .inputs.kexeclog import KexecLog, Placed, Segment
 from .inputs.memmap import dump_qemu_dtb
 from .inputs.zimage import read_zimage
+from .machines import Machine
 from .observe.observer import Observer
 from .observe.plan import make_plan
 from .observe.stage2 import finish_run

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .emulator.machines import Machine, get_machine
 from .errors import UserError
 from .inputs.kexeclog import parse_kexec_log
+from .machines import Machine, get_machine
 from .observe.observer import STOP_DEADLINES
 from .replay import ReplayRequest, replay
 from .sizes import parse_size

@@ -1,1 +1,1 @@
-"""The emulator: boards as data, QEMU and its sockets, the console, the stage-1 shell, the gdb stub, snapshots."""
+"""The emulator: QEMU and its sockets, the console, the stage-1 shell, the gdb stub, snapshots."""

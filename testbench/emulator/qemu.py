@@ -22,8 +22,8 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from ..deadlines import budget
 from ..errors import BenchError, UserError
+from ..machines import Machine
 from .console import Console
-from .machines import Machine
 
 QEMU_BINARY = "qemu-system-arm"
 MIN_QEMU_VERSION = (7, 0)

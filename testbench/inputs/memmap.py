@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..datafiles import data_path
-from ..emulator.machines import Machine
 from ..errors import BenchError, UserError
 from ..fileio import write_atomic
+from ..machines import Machine
 from ..sizes import format_size, parse_size
 from .dtb import DtbError, Editor
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from testbench.case import CaseRequest, CaseResult, prepare_case, run_case
-from testbench.emulator.machines import get_machine
 from testbench.inputs.images import Images, load_images
+from testbench.machines import get_machine
 
 
 def pytest_collection_modifyitems(items):

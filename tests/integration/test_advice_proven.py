@@ -7,9 +7,9 @@ decompressor's footprint ends at 0x41AEBE78 on virt, so anything >= ~0x1AE4000 m
 
 import pytest
 
-from testbench.emulator.machines import get_machine
 from testbench.inputs.images import load_images
 from testbench.inputs.zimage import read_zimage
+from testbench.machines import get_machine
 from testbench.oracle import advise
 
 QEMU_DTB = 0x100000 + 0x1000  # QEMU's 1 MiB virt DTB plus what kexec adds for bootargs and the initrd

@@ -52,7 +52,7 @@ def test_the_build_is_a_static_arm_binary_described_by_its_meta(built_kexec):
 @pytest.mark.parametrize("case", CASES)
 def test_built_and_debian_kexec_agree(built_kexec, run_kexec_case, images, tmp_path, case):
     from testbench.case import CaseRequest, prepare_case, run_case
-    from testbench.emulator.machines import get_machine
+    from testbench.machines import get_machine
 
     args = CASES[case]
     m = get_machine("virt")

@@ -17,7 +17,7 @@ FILE_LOAD_MISSING = "syscall kexec_file_load not available"
 def plain(images, tmp_path_factory):
     """The reference: the same load with no syscall switch (2.0.25 then uses kexec_load)."""
     from testbench.case import CaseRequest, prepare_case, run_case
-    from testbench.emulator.machines import get_machine
+    from testbench.machines import get_machine
 
     m = get_machine("virt")
     request = CaseRequest(

@@ -5,9 +5,9 @@ import subprocess
 
 import pytest
 
-from testbench.emulator.machines import get_machine
 from testbench.errors import UserError
 from testbench.inputs.memmap import MemMap, get_memmap, with_holes
+from testbench.machines import get_machine
 
 MiB = 1 << 20
 

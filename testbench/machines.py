@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from ..datafiles import data_path
-from ..errors import UserError
-from ..sizes import format_size, parse_size
+from .datafiles import data_path
+from .errors import UserError
+from .sizes import format_size, parse_size
 
 
 @dataclass(frozen=True)
