@@ -85,6 +85,7 @@ class PrivateApt:
         self.suite = suite
         self.dir = root / "apt" / suite
         self._mirrors = mirrors
+        self._prepared = False
 
     @property
     def mirrors(self) -> Mirrors:
@@ -101,12 +102,16 @@ class PrivateApt:
         )
 
     def _prepare(self) -> None:
+        """The private state's dirs and sources, written once per instance (resolving a set is ~40 calls)."""
+        if self._prepared:
+            return
         if not KEYRING.is_file():
             raise UserError(f"{KEYRING} is missing; install it with `apt-get install debian-archive-keyring`")
         for sub in ("sources.list.d", "preferences.d", "trusted.gpg.d", "lists/partial", "archives/partial"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         (self.dir / "sources.list.d" / "debian.sources").write_text(self.sources())
         (self.dir / "status").touch()
+        self._prepared = True
 
     def options(self) -> list[str]:
         d = self.dir
@@ -148,9 +153,7 @@ class PrivateApt:
                 f"{tool} {' '.join(args)} did not finish within {timeout:.0f}s (is the mirror reachable?)"
             ) from None
         if check and done.returncode != 0:
-            lines = [
-                ln for ln in done.stderr.strip().splitlines() if ln.startswith(("E:", "Err"))
-            ] or done.stderr.strip().splitlines()[-1:]
+            lines = _errors(done.stderr) or done.stderr.strip().splitlines()[-1:]
             raise BenchError(
                 f"{tool} {' '.join(args)} ({self.suite}, private apt) failed: {' | '.join(lines) or done.returncode}"
             )
@@ -164,8 +167,9 @@ class PrivateApt:
                 "for armhf (a codename such as bookworm or trixie)"
             )
         if done.returncode != 0 or not self.has_lists():
-            errors = [ln for ln in done.stderr.splitlines() if ln.startswith(("E:", "Err"))]
-            raise BenchError(f"apt-get update ({self.suite}, private apt) failed: {' | '.join(errors[:3])}")
+            raise BenchError(
+                f"apt-get update ({self.suite}, private apt) failed: {' | '.join(_errors(done.stderr)[:3])}"
+            )
 
     def has_lists(self) -> bool:
         return any((self.dir / "lists").glob(f"*_dists_{self.suite}_main_binary-{ARCH}_Packages*"))
@@ -184,6 +188,11 @@ class PrivateApt:
         if not found:
             raise BenchError(f"apt-get download {name}={version} left no .deb")
         return found[0]
+
+
+def _errors(stderr: str) -> list[str]:
+    """apt's error lines (E: ..., Err: ...), the ones worth quoting."""
+    return [line for line in stderr.splitlines() if line.startswith(("E:", "Err"))]
 
 
 def parse_stanza(text: str) -> dict[str, str]:

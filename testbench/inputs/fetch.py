@@ -46,11 +46,16 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str:
     return done.stdout
 
 
+def _kernel_package(apt: PrivateApt) -> str | None:
+    """The linux-image-*-armmp package the suite's linux-image-armmp depends on now."""
+    names = dependency_names(apt.show(KERNEL_METAPACKAGE))
+    return next((n for n in names if n.startswith("linux-image-") and n.endswith("-armmp")), None)
+
+
 def resolve_package_set(apt: PrivateApt) -> tuple[str, dict[str, dict[str, str]]]:
     """The kernel package name and the archive's fields of every package to fetch (roots + library closure),
     as the suite's archive has them now."""
-    meta = apt.show(KERNEL_METAPACKAGE)
-    kernel = next((n for n in dependency_names(meta) if n.startswith("linux-image-") and n.endswith("-armmp")), None)
+    kernel = _kernel_package(apt)
     if kernel is None:
         raise BenchError(f"{apt.suite}: {KERNEL_METAPACKAGE}:{ARCH} depends on no linux-image-*-armmp package")
     wanted: dict[str, dict[str, str]] = {}
@@ -84,15 +89,15 @@ def lock_images(suite: str | None = None, say: Callable[[str], None] = _say_stde
     if offline():
         raise UserError("TESTBENCH_OFFLINE is set: locking needs the archive")
     path = lock_path()
-    suite = suite or (read_lock(path).default_suite if path.exists() else DEFAULT_SUITE)
+    old = read_lock(path) if path.exists() else None
+    suite = suite or (old.default_suite if old else DEFAULT_SUITE)
     root = cache_dir()
     with _cache_lock(root):
         apt = PrivateApt(root, suite)
         say(f"resolving {suite}'s armhf packages from the archive")
         apt.update()
         fresh = _locked_from_archive(suite, *resolve_package_set(apt))
-    old = read_lock(path).suites if path.exists() else ()
-    before = next((s for s in old if s.suite == suite), None)
+    before = next((s for s in old.suites if s.suite == suite), None) if old else None
     for change in _changes(before, fresh):
         say(change)
     write_suite(fresh, path)
@@ -157,9 +162,8 @@ def allow_drift() -> bool:
 def _gone_line(suite: SuiteLock, gone: list[LockedPackage], apt: PrivateApt) -> str:
     first = gone[0]
     if first.name == suite.kernel:  # a point release renames the kernel package: name what replaced it
-        meta = apt.show(KERNEL_METAPACKAGE)
-        now = next((n for n in dependency_names(meta) if n.startswith("linux-image-")), "nothing")
-        now = f"{now} {apt.show(now).get('Version', '?')}" if now != "nothing" else now
+        kernel = _kernel_package(apt)
+        now = f"{kernel} {apt.show(kernel).get('Version', '?')}" if kernel else "nothing"
     else:
         now = apt.show(first.name).get("Version", "no such package")
     more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
