@@ -171,8 +171,8 @@ def check_cache() -> Iterator[Finding]:
 
 
 def check_case_files() -> Iterator[Finding]:
-    """The files a case opens, per machine: the stage-1 kernel, busybox, kexec and its libraries, the board's
-    DTB; and the board itself started with exactly the devices a case gives it (a missing ROM or firmware
+    """The files a case opens, per machine: the stage-1 kernel, busybox, kexec, the kernel's modules.dep, the
+    board's DTB; and the board itself started with exactly the devices a case gives it (a missing ROM or firmware
     stops QEMU at once: that is how virt's default NIC failed on a fresh machine)."""
     from .emulator.qemu import QemuSpec, qemu_args, qemu_binary
     from .inputs.images import load_images
