@@ -22,11 +22,10 @@ from .emulator.snapshot import Slot, SnapshotBroken, claim, wait_restored
 from .errors import BenchError, UserError
 from .inputs import kexeclog
 from .inputs.checks import Input
-from .inputs.zimage import ZImage
 from .observe.observation import Observation
 from .observe.observer import Observer
 from .observe.plan import make_plan
-from .observe.stage2 import finish_run, watch_stage2
+from .observe.stage2 import CLOBBERED_AT_ENTRY, finish_run, watch_stage2
 from .oracle import Prediction, analyze
 from .prepare import CaseRequest, PreparedCase, guest_commands, prepare_case
 from .report.artifacts import write_case_artifacts
@@ -278,7 +277,7 @@ def _load(case: PreparedCase, shell: Shell, command: str, run: _Run, say: Callab
     run.kexec_rc = loaded.rc
     debug_text = (case.share / "kexec-debug.txt").read_text(errors="replace")
     run.log = _parse_load(debug_text)
-    run.prediction = _predict(run.log, case.zimage, run.loader_version)
+    run.prediction = _predict(run.log, case, run.loader_version)
     if loaded.rc in (126, 127):  # the shell could not run the loader at all: our problem
         raise BenchError(f"stage 1 could not run kexec (exit {loaded.rc}): {debug_text.strip()[:200]}")
     if loaded.rc != 0:
@@ -315,6 +314,8 @@ def _exec(
     def judge_console(after: str, ended_by: str) -> Verdict:
         if ended_by == "kernel-entry":
             return Verdict("pass", "kernel", (LAYOUT_ONLY,))
+        if ended_by == "clobbered":
+            return Verdict("fail", "kernel", (CLOBBERED_AT_ENTRY,))
         verdict = judge_stage2(after, request.stage2_cmdline, case.payload_sha256, ended_by)
         if verdict.verdict == "fail" and prediction is not None:
             verdict = replace(verdict, reasons=verdict.reasons + _oracle_reasons(prediction))
@@ -351,12 +352,19 @@ def _kexec_version(output: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _predict(log: kexeclog.KexecLog | None, zimage: ZImage, kexec_version: str | None) -> Prediction | None:
+def _predict(log: kexeclog.KexecLog | None, case: PreparedCase, kexec_version: str | None) -> Prediction | None:
     """The oracle's view of the load kexec actually made: the same addresses, judged statically."""
     if log is None:
         return None
+    m, ram = case.request.machine, case.request.ram
     try:
-        return analyze(log, zimage=zimage, kexec_version=kexec_version)
+        return analyze(
+            log,
+            zimage=case.zimage,
+            kexec_version=kexec_version,
+            kernel_version=case.inputs["kernel"].version,
+            memory=((m.ram_base, m.ram_base + ram),),  # QEMU writes /memory from -m; a no-map hole stays in it
+        )
     except UserError as err:
         return Prediction("unknown", (), (), (), details={"error": str(err)})
 

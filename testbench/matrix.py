@@ -150,7 +150,7 @@ def run_command(cell: Cell, out: Path, mode: RunMode = RunMode()) -> list[str]:
         "--memmap",
         cell.memmap,
     ]
-    args += ["--observe"] if mode.observe else []
+    args += [] if mode.observe else ["--no-observe"]
     args += ["--no-snapshot"] if not mode.snapshot else []
     extra = kexec_args_for(cell)
     return args + ([f"--kexec-args={' '.join(extra)}"] if extra else [])

@@ -38,7 +38,7 @@ class CaseRequest:
     kexec: Path | None = None  # None: Debian's kexec-tools
     kexec_args: tuple[str, ...] = ()
     gdb: bool = False  # a user's debugger will attach: no deadlines
-    observe: bool = False  # stop at zImage and kernel entry via the gdbstub, dump and diff every segment
+    observe: bool = True  # stop at zImage and kernel entry via the gdbstub, dump and diff every segment
     snapshot: bool = True  # restore stage 1 from its saved state (snapshot.py) instead of booting it
     until: str = "init"  # "kernel-entry": a layout verdict from the ground truth alone, no stage-2 boot
     memmap: str = PLAIN  # a RAM map from images/memmaps.toml: holes stage 1's DTB gives kexec to work around
@@ -79,7 +79,7 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
     memmap = get_memmap(request.memmap)
     memmap.check(m, request.ram)
     if request.observing and request.gdb:
-        raise UserError("--observe/--until kernel-entry and --gdb all need QEMU's gdbstub; it takes one client")
+        raise UserError("--until kernel-entry and --gdb both need QEMU's gdbstub, and it takes one client")
     if request.until not in UNTIL:
         raise UserError(f"--until {request.until}: choose one of {', '.join(UNTIL)}")
     kernel = existing_file(request.kernel or images.zimage, "kernel")

@@ -35,7 +35,7 @@ from .inputs.zimage import read_zimage
 from .machines import Machine
 from .observe.observer import Observer
 from .observe.plan import make_plan
-from .observe.stage2 import finish_run
+from .observe.stage2 import NOT_WATCHED, finish_run
 from .oracle import analyze
 from .report.artifacts import write_json_atomic, write_replay_svg
 from .verdict import Verdict, judge_stage2, signature_reasons
@@ -159,8 +159,8 @@ def _initrd(request: ReplayRequest) -> tuple[Path | None, Stage2Initrd | None]:
 def _judge_console(text: str, bootargs: str, built: Stage2Initrd | None, fdt_sha256: str, ended_by: str) -> Verdict:
     """The stage-2 verdict of a replay. Stop 2 proved the kernel was entered, and a replay has no 'Bye!':
     a silent console is the kernel phase dying, not a handoff. Without a stage-2 watch (layout only, or a
-    stop never came) the ground truth alone decides."""
-    if ended_by in ("kernel-entry", "observed"):
+    stop never came, or a payload already clobbered at the kernel entry) the ground truth alone decides."""
+    if ended_by in NOT_WATCHED:
         return Verdict("pass", "kernel")
     verdict = judge_stage2(text, bootargs, built.payload_sha256 if built else None, ended_by, fdt_sha256)
     if verdict.phase == "handoff":

@@ -9,10 +9,13 @@ Decompressor constants (all link offsets, i.e. file offsets for a PIC zImage):
   bss_start       decompressor __bss_start (== _edata == Z for every kernel we know)
   bss_end     E   decompressor _end
   stack_end   S   .L_user_stack_end = ALIGN8(E) + 4096; the 64 KiB malloc arena starts here
+  wont_overwrite W  the label the "will I overwrite myself" test and the appended-DTB bss adjustment
+                  compare against (head.S 6.1:428-432, 454-456); Debian 6.1: W - R = 0x174
 
-They are scanned from the binary (LC0/LC1/.Lheadroom literals and the `add sl, sl, #P; bic sl, sl, #255`
-pair) or read exactly from ELF files (`decompressor_elf=`, `vmlinux=`). A constant that cannot be found is
-None and `notes` says why: Thumb-2 builds give no P, because the ARM encoding we decode is absent there.
+They are scanned from the binary (LC0/LC1/.Lheadroom literals, the `add sl, sl, #P; bic sl, sl, #255`
+pair, and `adr r9, wont_overwrite` between `add r10, r4, r9` and `cmp r10, r9`) or read exactly from ELF
+files (`decompressor_elf=`, `vmlinux=`). A constant that cannot be found is None and `notes` says why:
+Thumb-2 builds give no P or W, because the ARM encoding we decode is absent there.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ ENDIAN_BE = 0x01020304
 
 _ARM_BIC_SL_255 = 0xE3CAA0FF  # bic sl, sl, #255
 _ARM_ADD_SL_IMM = 0xE28AA000  # add sl, sl, #imm12 (mask 0xfffff000)
+_ARM_ADD_R10_R4_R9 = 0xE084A009  # add r10, r4, r9: kernel end, just before `adr r9, wont_overwrite`
+_ARM_ADR_R9 = 0xE28F9000  # add r9, pc, #imm12 (mask 0xfffff000): `adr r9, wont_overwrite`
+_ARM_CMP_R10_R9 = 0xE15A0009  # cmp r10, r9
 _THUMB_SWITCH = 0xE24FF003  # sub pc, pc, #3: the Thumb-2 kernel's switch out of ARM state
 _MAX_GUNZIP = 256 << 20  # a gzip-wrapped zImage bigger than this is not a kernel
 _MAX_INFLATED = 1 << 30  # a 32-bit ARM kernel image inflating to 1 GiB or more cannot be placed in lowmem
@@ -69,6 +75,7 @@ class ZImage:
     bss_start: int | None = None
     bss_end: int | None = None
     stack_end: int | None = None
+    wont_overwrite: int | None = None
     notes: tuple[str, ...] = ()
 
     @property
@@ -131,6 +138,19 @@ def _scan_reloc_pad(buf: bytes) -> int | None:
             prev = _u32(buf, at - 4)
             if prev & 0xFFFFF000 == _ARM_ADD_SL_IMM:
                 return _arm_imm(prev)
+        at = buf.find(pat, at + 1)
+    return None
+
+
+def _scan_wont_overwrite(buf: bytes) -> int | None:
+    """W from `add r10, r4, r9; adr r9, wont_overwrite; cmp r10, r9` (head.S "will I overwrite myself")."""
+    pat = struct.pack("<I", _ARM_ADD_R10_R4_R9)
+    at = buf.find(pat)
+    while at != -1:
+        if at % 4 == 0 and at + 12 <= len(buf):
+            adr, cmp = _u32(buf, at + 4), _u32(buf, at + 8)
+            if adr & 0xFFFFF000 == _ARM_ADR_R9 and cmp == _ARM_CMP_R10_R9:
+                return at + 4 + 8 + _arm_imm(adr)  # ARM: pc reads as the instruction's address + 8
         at = buf.find(pat, at + 1)
     return None
 
@@ -254,6 +274,9 @@ def parse_zimage(raw: bytes) -> ZImage:
         fields["reloc_pad"] = _scan_reloc_pad(buf[:z])
         if fields["reloc_pad"] is None:
             notes.append("no 'add sl, sl, #P; bic sl, sl, #255' pair: relocation pad P unknown")
+        fields["wont_overwrite"] = _scan_wont_overwrite(buf[: min(z, 0x10000)])
+        if fields["wont_overwrite"] is None:
+            notes.append("no 'adr r9, wont_overwrite' found: wont_overwrite unknown")
     return ZImage(
         file_size=len(raw),
         container=container,

@@ -1,7 +1,7 @@
 """Exact decompressor and kernel constants from ELF symbol tables (pyelftools).
 
-`arch/arm/boot/compressed/vmlinux` gives restart, reloc_code_end, _edata, __bss_start, _end and the stack
-end; `.L_user_stack_end` is a local label the assembler drops, so its equivalent is the end of the
+`arch/arm/boot/compressed/vmlinux` gives restart, wont_overwrite, reloc_code_end, _edata, __bss_start, _end
+and the stack end; `.L_user_stack_end` is a local label the assembler drops, so its equivalent is the end of the
 `.stack` section (head.S puts the 4 KiB stack there, vmlinux.lds.S places it right after the bss).
 The kernel `vmlinux` gives TEXT_OFFSET (`_text` - PAGE_OFFSET), the inflated size and the bss size.
 """
@@ -64,6 +64,7 @@ def decompressor_symbols(path: str | Path, link_start: int = 0) -> dict[str, int
         stack_end = ((bss_end + 7) & ~7) + 4096  # head.S: .stack is 4096 bytes at ALIGN(8) after _end
     return {
         "restart": restart,
+        "wont_overwrite": _need(syms, path, "wont_overwrite") - start,
         "reloc_pad": (reloc_end - restart + 256) & ~255,
         "bss_start": bss_start,
         "bss_end": bss_end,

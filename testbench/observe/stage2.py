@@ -78,14 +78,22 @@ class RunEnd:
     """How a run ended: the verdict, and what it was made of."""
 
     verdict: Verdict
-    ended_by: str  # marker | exit | silence | timeout (stage 2 watched), kernel-entry | observed (not)
+    # marker | exit | silence | timeout (stage 2 watched); kernel-entry | observed | clobbered (not watched)
+    ended_by: str
     observation: Observation | None
     oracle: OracleComparison | None
     stage2: Stage2 | None
 
     @property
     def watched(self) -> bool:
-        return self.ended_by not in ("kernel-entry", "observed")
+        return self.ended_by not in NOT_WATCHED
+
+
+NOT_WATCHED = ("kernel-entry", "observed", "clobbered")
+CLOBBERED_AT_ENTRY = (
+    "stage 2 not watched: a payload segment was already overwritten at the kernel entry, so the second "
+    "kernel cannot get its initrd or DTB intact"
+)
 
 
 def finish_run(
@@ -103,12 +111,16 @@ def finish_run(
     """The end of a run after kexec -e (or replay's first stop) and the observer's stops, if any.
 
     Stage 2 is watched unless the run is layout only (`until` kernel-entry) or a stop never came (the VM was
-    halted and dumped). `judge_console(console text since start, ended_by)` is the caller's console verdict;
-    the emulator's ground truth (with the oracle's agreement) is folded into it here."""
+    halted and dumped) or a payload segment was already clobbered at the kernel entry: the verdict is then
+    known, and waiting out the new kernel's silence would only cost time. `judge_console(console text since
+    start, ended_by)` is the caller's console verdict; the emulator's ground truth (with the oracle's
+    agreement) is folded into it here."""
     if until == "kernel-entry":
         ended_by = "kernel-entry"  # layout only: the ground truth is the verdict
     elif observation is not None and observation.phase in ("handoff", "decompress"):
         ended_by = "observed"  # the stop never came: the VM was halted and dumped
+    elif observation is not None and observation.phase == "kernel" and observation.clobbered:
+        ended_by = "clobbered"
     else:
         entered = observation is not None and observation.phase == "kernel"
         ended_by = watch_stage2(qemu, start, mib, resumed_at, entered)

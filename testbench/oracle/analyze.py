@@ -8,7 +8,19 @@ from dataclasses import replace
 from ..errors import UserError
 from ..inputs.kexeclog import KexecLog, Segment
 from ..inputs.zimage import ZImage
-from .placement import FAMILIES, PAGE, Placement, place, version_family
+from .footprint import has_fallback, kernel_address
+from .placement import (
+    FAMILIES,
+    MAGIC_COPY,
+    OPTION_CLASH,
+    PAGE,
+    ULONG_MAX,
+    Placement,
+    in_releases,
+    option_clash_error,
+    place,
+    version_family,
+)
 from .predict import TEXT_OFFSETS, Knowns, Prediction, evaluate
 
 P_PLAUSIBLE = (0x100, 0x2000)  # a relocation pad outside this is not what head.S computes
@@ -18,19 +30,25 @@ class AnalyzeError(UserError):
     """The log and files together do not describe a load we can evaluate."""
 
 
-def _appended_dtb8(zi: ZImage | None, family: str) -> tuple[int, list[str]]:
+def _appended_dtb8(zi: ZImage | None, family: str, version: str | None) -> tuple[int, bool, list[str]]:
+    """(D8 the decompressor uses, whether kexec's 4-byte magic copy gives it a bogus DTB, notes)."""
     if zi is None or not zi.appended_dtb_size:
-        return 0, []
+        return 0, False, []
     if family == "<=2.0.12":
         # the whole file is loaded, DTB included, so the decompressor finds and uses it
         note = "appended DTB loaded with the zImage (kexec-tools <= 2.0.12)"
-        return (zi.appended_dtb_size + 7) & ~7, [note]
-    note = "zImage has an appended DTB; kexec-tools >= 2.0.13 cuts it off"
-    if family == ">=2.0.17":
-        note += (
-            " (but 2.0.17-2.0.21 copy its 4-byte magic, so the decompressor may take garbage for a DTB; not modelled)"
+        return (zi.appended_dtb_size + 7) & ~7, False, [note]
+    if in_releases(version, MAGIC_COPY):
+        note = (
+            f"kexec-tools {version} copies the 4 bytes after _edata (the appended DTB's magic; fixed in 2.0.22 by "
+            "9817ec8): the decompressor takes a DTB of size 0 for the appended one and the kernel gets it "
+            "instead of kexec's"
         )
-    return 0, [note]
+        return 0, True, [note]
+    note = "zImage has an appended DTB; kexec-tools >= 2.0.13 cuts it off"
+    if family == ">=2.0.17" and version is None:
+        note += " (if the loader is 2.0.17-2.0.21, it copies the DTB's 4-byte magic and the kernel gets a bogus DTB)"
+    return 0, False, [note]
 
 
 def _zimage_fields(zi: ZImage) -> dict:
@@ -43,7 +61,15 @@ def _zimage_fields(zi: ZImage) -> dict:
         "malloc_size": zi.malloc_size,
         "efi_stub": zi.efi_stub,
         "text_offset": zi.text_offset,
+        "wont_overwrite": zi.wont_overwrite,
     }
+
+
+def _fallback(kernel_version: str | None) -> tuple[bool | None, list[str]]:
+    fallback = has_fallback(kernel_version)
+    if kernel_version and fallback is None:
+        return None, [f"cannot read a Linux version from {kernel_version!r}: kernel_address fallback unknown"]
+    return fallback, []
 
 
 def predict(
@@ -54,9 +80,19 @@ def predict(
     initrd_size: int | None = None,
     dtb_size: int | None = None,
     text_offset: int | None = None,
+    *,
+    kernel_version: str | None = None,
+    mem_min: int = 0,
+    mem_max: int = ULONG_MAX,
+    command_line: bool = False,
 ) -> Prediction:
-    """What kexec-tools `kexec_version` would do with this zImage, and whether the boot survives it."""
+    """What kexec-tools `kexec_version` would do with this zImage, and whether the boot survives it.
+
+    `command_line`: the load passes --command-line/--append (which 2.0.17-2.0.20 cannot take on ARM).
+    """
     family = version_family(kexec_version)
+    if command_line and in_releases(kexec_version, OPTION_CLASH):
+        raise option_clash_error(kexec_version)
     ram = tuple(sorted((int(s), int(e)) for s, e in ram_ranges))
     if not ram:
         raise AnalyzeError("no RAM ranges given")
@@ -70,8 +106,12 @@ def predict(
         image_size,
         initrd_size or None,
         dtb_size,
+        mem_min,
+        mem_max,
     )
-    dtb8, notes = _appended_dtb8(zimage, family)
+    dtb8, bogus, notes = _appended_dtb8(zimage, family, kexec_version)
+    fallback, more = _fallback(kernel_version)
+    notes += more
     fields = _zimage_fields(zimage)
     if text_offset is not None:
         fields["text_offset"] = text_offset
@@ -86,6 +126,8 @@ def predict(
         dtb=pl.dtb,
         zimage_len=pl.kernel_memsz,
         assumptions=tuple(notes),
+        fallback=fallback,
+        bogus_appended_dtb=bogus,
         **fields,
     )
     p = evaluate(k, pl)
@@ -122,8 +164,6 @@ def _infer_text_offset(
     copy: tuple[int, int, int], load: int, inflated: int, ram: tuple[tuple[int, int], ...] | None
 ) -> int | None:
     """The C: line's destination is (K + I + P) & ~255; keep the one TEXT_OFFSET giving a sane P."""
-    from .footprint import kernel_address
-
     fits = []
     for to in TEXT_OFFSETS:
         pad = copy[1] - ((kernel_address(load, to, ram) + inflated) & ~255)
@@ -133,9 +173,19 @@ def _infer_text_offset(
 
 
 def analyze(
-    log: KexecLog, zimage: ZImage | None = None, text_offset: int | None = None, kexec_version: str | None = None
+    log: KexecLog,
+    zimage: ZImage | None = None,
+    text_offset: int | None = None,
+    kexec_version: str | None = None,
+    *,
+    kernel_version: str | None = None,
+    memory: Sequence[tuple[int, int]] | None = None,
 ) -> Prediction:
-    """Evaluate an observed load. Values in the log win; the zImage fills what the log lacks."""
+    """Evaluate an observed load. Values in the log win; the zImage fills what the log lacks.
+
+    `kernel_version` (of the kernel being loaded) decides the kernel_address fallback (Linux >= 5.12);
+    `memory` is the DTB's /memory when known (the decompressor reads that, not /proc/iomem).
+    """
     notes: list[str] = []
     ram = tuple(log.memory_ranges) or None
     if ram is None:
@@ -191,7 +241,10 @@ def analyze(
     if log.initrd is None and log.dtb is None and log.segments:
         initrd, dtb, more = _payloads_from_segments(log, load)
         notes += more
-    dtb8, more = _appended_dtb8(zimage, family)
+    version = kexec_version or log.kexec_version
+    dtb8, bogus, more = _appended_dtb8(zimage, family, version)
+    notes += more
+    fallback, more = _fallback(kernel_version)
     notes += more
     zlen = kseg.memsz if kseg is not None and kseg.memsz else ((z + 4 + PAGE - 1) & -PAGE)
     k = Knowns(
@@ -206,6 +259,9 @@ def analyze(
         dtb=dtb,
         zimage_len=zlen,
         assumptions=tuple(notes),
+        memory=tuple(sorted(memory)) if memory else None,
+        fallback=fallback,
+        bogus_appended_dtb=bogus,
         **fields,
     )
     p = evaluate(k, _placement_from_log(log, load, family))

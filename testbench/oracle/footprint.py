@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 PGDIR = 0x4000  # 16 KiB first-level page table below the kernel
 SZ_2M = 0x200000
+# wont_overwrite - restart when the binary does not say: 0x1228 - 0x10b4 in Debian's 6.1 and 6.12 zImages
+# (the code between the two labels is the same in 5.10..7.2, DOMAIN 9.3)
+WONT_OVERWRITE_GAP = 0x174
+FALLBACK_SINCE = (5, 12)  # fdt_check_mem_start, 0673cb389512 (DOMAIN 9.3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,21 +30,39 @@ class Decomp:
     stack_end: int  # S
     malloc_size: int = 0x10000  # M
     dtb8: int = 0  # appended DTB the decompressor will use, rounded to 8 (0 when none)
+    wont_overwrite: int | None = None  # W; None: restart + WONT_OVERWRITE_GAP
+    appended: bool = False  # the FDT magic follows _edata, so head.S takes the appended-DTB path
+
+    @property
+    def w(self) -> int:
+        return self.wont_overwrite if self.wont_overwrite is not None else self.restart + WONT_OVERWRITE_GAP
 
 
-def kernel_address(load: int, text_offset: int, ram: Sequence[tuple[int, int]] | None) -> int:
+def kernel_address(load: int, text_offset: int, memory: Sequence[tuple[int, int]] | None, fallback: bool = True) -> int:
     """AUTO_ZRELADDR: r4 = (pc & 0xf8000000) + TEXT_OFFSET.
 
-    If that 128 MiB-aligned guess is not RAM, fdt_check_mem_start (v5.15+) falls back to the lowest RAM
-    base rounded up to 2 MiB; older kernels would simply use the guess and fail to boot either way.
+    `memory` is the DTB's /memory (what fdt_check_mem_start reads; a NOMAP region moves /proc/iomem's
+    System RAM, not /memory). If the 128 MiB-aligned guess is not in it, Linux >= 5.12 (`fallback`) uses the
+    lowest memory base rounded up to 2 MiB; older kernels keep the guess, outside RAM, and never boot.
     """
     guess = load & 0xF8000000
-    if ram:
-        for s, e in ram:
+    if memory and fallback:
+        for s, e in memory:
             if s <= guess < e:
                 return guess + text_offset
-        guess = (min(s for s, _ in ram) + SZ_2M - 1) & -SZ_2M
+        guess = (min(s for s, _ in memory) + SZ_2M - 1) & -SZ_2M
     return guess + text_offset
+
+
+def has_fallback(kernel_version: str | None) -> bool | None:
+    """Whether a kernel of this version ('6.1.0-57-armmp', '5.10.223-1', 'Linux version 5.6.0-rc1') has the
+    kernel_address fallback; None when the version cannot be read."""
+    import re
+
+    m = re.search(r"(\d+)\.(\d+)", kernel_version or "")
+    if m is None:
+        return None
+    return (int(m.group(1)), int(m.group(2))) >= FALLBACK_SINCE
 
 
 def footprint(
@@ -58,10 +80,13 @@ def footprint(
     stack_lo = (d.bss_end + 7) & ~7
     arena_end = load + d.stack_end + d.dtb8 + d.malloc_size  # r10 at the first pass through restart
     r9 = inflated
-    if d.dtb8:
-        # head.S: grow r9 so the relocated appended DTB does not land in the kernel's bss
-        r9 += max(0, kernel_bss - (d.z + d.dtb8 - d.restart))
-    relocate = not (kaddr >= arena_end + PGDIR or kaddr + r9 <= load + d.restart)
+    if d.dtb8 or d.appended:
+        # head.S 6.1:428-432: grow r9 so the relocated appended DTB does not land in the kernel's bss; r6 is
+        # still _edata there (the DTB size is added after), so the code above wont_overwrite is what counts
+        r9 += max(0, kernel_bss - (d.z - d.w))
+    # head.S 6.1:450-456: no relocation when the kernel and its page directory lie above the whole
+    # footprint, or when the decompressed kernel ends below wont_overwrite
+    relocate = not (kaddr >= arena_end + PGDIR or kaddr + r9 <= load + d.w)
     if not relocate and copy is None:
         delta = 0
     else:

@@ -7,8 +7,8 @@ Four rule families:
   ">=2.0.17"       max(I + B_k, I + Z + 0x11000), --image-size only ever raises it
 
 `locate_hole` is kexec's first-fit search: the lowest page-aligned address >= min in a System RAM range,
-skipping segments already added. The kernel segment is added last, so the initrd and DTB searches only
-see each other.
+skipping segments already added; `--mem-min`/`--mem-max` clip every range first (kexec.c locate_hole).
+The kernel segment is added last, so the initrd and DTB searches only see each other.
 """
 
 from __future__ import annotations
@@ -51,6 +51,31 @@ def align_up(x: int, a: int) -> int:
 
 def align_down(x: int, a: int) -> int:
     return x & -a
+
+
+def version_tuple(version: str | None) -> tuple[int, int, int] | None:
+    """'2.0.25', 'v2.0.18', '1:2.0.20-2.1' -> (2, 0, 25); None for a family name or no version."""
+    m = re.search(r"(\d+)\.(\d+)\.(\d+)", version or "")
+    return None if m is None else (int(m.group(1)), int(m.group(2)), int(m.group(3)))
+
+
+# kexec-tools releases with an ARM defect the placement arithmetic does not show (DOMAIN 9.2)
+OPTION_CLASH = ((2, 0, 17), (2, 0, 20))  # ARM's -a/--append/--command-line vs --kexec-syscall-auto (20fea93)
+MAGIC_COPY = ((2, 0, 17), (2, 0, 21))  # the 4 bytes after _edata copied from the file (fixed by 9817ec8)
+
+
+def in_releases(version: str | None, span: tuple[tuple[int, int, int], tuple[int, int, int]]) -> bool:
+    t = version_tuple(version)
+    return t is not None and span[0] <= t <= span[1]
+
+
+def option_clash_error(version: str) -> PlacementError:
+    return PlacementError(
+        f"kexec-tools {version} on ARM cannot take --command-line/--append: their short option 'a' is also "
+        "--kexec-syscall-auto, so the file-load path runs without memory ranges and fails with 'Could not find "
+        "a free area of memory' (2.0.17-2.0.20; fixed in 2.0.21): leave the command line to the DTB's /chosen "
+        "or use kexec-tools >= 2.0.21"
+    )
 
 
 def version_family(version: str) -> str:
@@ -107,11 +132,16 @@ def locate_hole(
     return None
 
 
-def _hole(ram: Ranges, used: Ranges, size: int, min_addr: int, what: str) -> int:
-    at = locate_hole(ram, used, size, min_addr)
+def _hole(
+    ram: Ranges, used: Ranges, size: int, min_addr: int, what: str, mem_min: int = 0, mem_max: int = ULONG_MAX
+) -> int:
+    at = locate_hole(ram, used, size, max(min_addr, mem_min), max_addr=mem_max)
     if at is None:
+        clipped = (mem_min, mem_max) != (0, ULONG_MAX)
+        window = f" within --mem-min/--mem-max [{mem_min:#x}, {mem_max:#x}]" if clipped else ""
         raise PlacementError(
-            f"kexec: could not find a free area of memory of {size:#x} bytes for the {what} above {min_addr:#x}"
+            f"kexec: could not find a free area of memory of {size:#x} bytes for the {what} above "
+            f"{max(min_addr, mem_min):#x}{window}"
         )
     return at
 
@@ -126,8 +156,15 @@ def place(
     image_size: int | None,
     initrd_size: int | None,
     dtb_size: int | None,
+    mem_min: int = 0,
+    mem_max: int = ULONG_MAX,
 ) -> Placement:
-    """Reproduce kexec-tools' arithmetic. `family` is one of FAMILIES; sizes of None mean 'not given'."""
+    """Reproduce kexec-tools' arithmetic. `family` is one of FAMILIES; sizes of None mean 'not given';
+    `mem_min`/`mem_max` are kexec's --mem-min/--mem-max (inclusive)."""
+
+    def find(ranges: Ranges, used: Ranges, size: int, min_addr: int, what: str) -> int:
+        return _hole(ranges, used, size, min_addr, what, mem_min, mem_max)
+
     if len(ram) > 1:
         ram = sorted(ram)
     if family == "<=2.0.12":
@@ -138,7 +175,7 @@ def place(
         memsz = align_up(length + 4, PAGE)  # f11d833: the word after _edata must read as zero
     if family == ">=2.0.17":
         length += DECOMP_EXTRA
-    base = _hole(ram, (), length + EXTRA, 0, "kernel")
+    base = find(ram, (), length + EXTRA, 0, "kernel")
     kbase = base + EXTRA
     has_tag = inflated is not None and kernel_bss is not None
     if family == ">=2.0.17":
@@ -160,22 +197,22 @@ def place(
         initrd_base = (base if family == "<=2.0.12" else kbase) + align_up(size, PAGE)
         if dtb_size is not None:
             hole = align_up(initrd_len, PAGE) + align_up(dtb_size + PAGE, PAGE)
-            initrd_base = _hole(ram, (), hole, initrd_base, "initrd and DTB")
+            initrd_base = find(ram, (), hole, initrd_base, "initrd and DTB")
             dtb = (align_down(initrd_base + initrd_len + PAGE, PAGE), dtb_size)
         elif initrd_len:
-            initrd_base = _hole(ram, (), initrd_len, initrd_base, "initrd")
+            initrd_base = find(ram, (), initrd_len, initrd_base, "initrd")
         if initrd_len:
             initrd = (initrd_base, initrd_len)
     else:
         initrd_base = kbase + align_up(size, PAGE)
         used: list[tuple[int, int]] = []
         if initrd_len:
-            initrd_base = _hole(ram, (), initrd_len, initrd_base, "initrd")
+            initrd_base = find(ram, (), initrd_len, initrd_base, "initrd")
             initrd = (initrd_base, initrd_len)
             used.append((initrd_base, initrd_base + align_up(initrd_len, PAGE)))
         if dtb_size is not None:
             dmin = align_down(initrd_base + initrd_len + PAGE, PAGE)
-            dtb = (_hole(ram, used, dtb_size, dmin, "DTB"), dtb_size)
+            dtb = (find(ram, used, dtb_size, dmin, "DTB"), dtb_size)
     # sort_segments refuses overlapping segments; only a too-small --image-size can cause it
     kend = kbase + memsz
     for name, seg in (("initrd", initrd), ("DTB", dtb)):

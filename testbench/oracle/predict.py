@@ -5,6 +5,9 @@ Inputs that may be missing get a candidate list (first = the value shown in the 
   restart & ~31 0xC0 without an EFI stub, 0x10A0 with one (DOMAIN 7.1); both when we cannot tell
   P             0xC00 (worst), 0x800
   decompressor bss  0 (shown), 0x1000 (the largest seen)
+  kernel_address fallback  only when kexec's load address is outside /memory's 128 MiB-aligned blocks:
+                Linux >= 5.12 moves the kernel to the lowest memory base (rounded up to 2 MiB), older
+                kernels keep the address outside RAM; tried both when the kernel version is not known
 Every combination is evaluated. The verdict is "safe" if no combination has a fatal collision,
 "collision" if all have one, and otherwise "unknown", naming each input whose value alone flips it.
 """
@@ -16,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .collide import Collision, Region, find_collisions, worst
-from .footprint import Decomp, footprint, kernel_address
+from .footprint import WONT_OVERWRITE_GAP, Decomp, footprint, kernel_address
 from .placement import Placement
 
 TEXT_OFFSETS = (0x8000, 0x108000, 0x208000, 0x308000)
@@ -24,6 +27,8 @@ R_NO_EFI, R_EFI = 0xC0, 0x10A0
 P_RANGE = (0xC00, 0x800)
 BSS_RANGE = (0, 0x1000)
 MALLOC_SIZE = 0x10000
+FALLBACK_DIM = "kernel_address fallback (Linux >= 5.12)"
+BOGUS_DTB = "appended-DTB magic copied by kexec 2.0.17-2.0.21"
 
 
 @dataclass(frozen=True)
@@ -42,12 +47,18 @@ class Knowns:
     bss_end: int | None = None
     stack_end: int | None = None
     malloc_size: int | None = None
+    wont_overwrite: int | None = None
     efi_stub: bool | None = None
     dtb8: int = 0
     copy: tuple[int, int, int] | None = None  # (src_start, dst_start, dst_end) from a C: line
     initrd: tuple[int, int] | None = None
     dtb: tuple[int, int] | None = None
     zimage_len: int | None = None  # what kexec loaded at L (for the picture)
+    memory: tuple[tuple[int, int], ...] | None = None  # the DTB's /memory; None: taken as `ram`
+    fallback: bool | None = None  # the kernel has the kernel_address fallback (>= 5.12); None: unknown
+    # kexec-tools 2.0.17-2.0.21 copied the appended DTB's magic and nothing else (DOMAIN 2.5, 9.2): head.S
+    # takes the appended-DTB path with a DTB of size 0 and hands the kernel that instead of kexec's
+    bogus_appended_dtb: bool = False
     assumptions: tuple[str, ...] = ()
 
 
@@ -80,6 +91,10 @@ class Prediction:
 
 def _hexs(values: Sequence[int]) -> str:
     return ", ".join(f"{v:#x}" for v in values)
+
+
+def _yes_no(values: Sequence[int]) -> str:
+    return ", ".join("yes" if v else "no" for v in values)
 
 
 def _dimensions(k: Knowns) -> tuple[dict[str, tuple[int, ...]], list[str]]:
@@ -123,7 +138,23 @@ def _dimensions(k: Knowns) -> tuple[dict[str, tuple[int, ...]], list[str]]:
         )
     if k.malloc_size is None:
         notes.append("MALLOC_SIZE taken as 0x10000 (its value in every kernel so far)")
+    if k.wont_overwrite is None and k.dtb8:
+        notes.append(f"wont_overwrite taken as restart + {WONT_OVERWRITE_GAP:#x} (as in Debian's 6.1 and 6.12)")
+    memory = _memory(k)
+    if memory and not any(s <= (k.load & 0xF8000000) < e for s, e in memory):
+        if k.fallback is None:
+            dims[FALLBACK_DIM] = (1, 0)
+            notes.append(
+                f"the load address {k.load:#x} is outside /memory's 128 MiB-aligned blocks: the kernel address "
+                "depends on the kernel version (>= 5.12: lowest memory base rounded up to 2 MiB); both tried"
+            )
+        else:
+            dims[FALLBACK_DIM] = (int(k.fallback),)
     return dims, notes
+
+
+def _memory(k: Knowns) -> tuple[tuple[int, int], ...] | None:
+    return k.memory if k.memory is not None else k.ram
 
 
 def _decomp(k: Knowns, restart: int, pad: int, bss: int) -> Decomp:
@@ -132,7 +163,18 @@ def _decomp(k: Knowns, restart: int, pad: int, bss: int) -> Decomp:
     stack_end = k.stack_end
     if stack_end is None or k.bss_end is None:
         stack_end = ((bss_end + 7) & ~7) + 4096  # head.S: 4 KiB .stack at ALIGN(8) after _end
-    return Decomp(k.z, restart, pad, bss_start, bss_end, stack_end, k.malloc_size or MALLOC_SIZE, k.dtb8)
+    return Decomp(
+        k.z,
+        restart,
+        pad,
+        bss_start,
+        bss_end,
+        stack_end,
+        k.malloc_size or MALLOC_SIZE,
+        k.dtb8,
+        k.wont_overwrite,
+        appended=bool(k.dtb8) or k.bogus_appended_dtb,
+    )
 
 
 def _payloads(k: Knowns) -> list[tuple[str, int, int]]:
@@ -144,12 +186,17 @@ def _payloads(k: Knowns) -> list[tuple[str, int, int]]:
     return out
 
 
-def scenario(k: Knowns, to: int, restart: int, pad: int, bss: int) -> tuple[list, list[Collision]]:
+def scenario(k: Knowns, to: int, restart: int, pad: int, bss: int, fallback: int = 1) -> tuple[list, list[Collision]]:
     """One concrete combination: written regions and collisions."""
-    kaddr = kernel_address(k.load, to, k.ram)
+    kaddr = kernel_address(k.load, to, _memory(k), bool(fallback))
     d = _decomp(k, restart, pad, bss)
     written = footprint(k.load, kaddr, k.inflated or 0, k.kernel_bss or 0, d, k.copy)
-    return written, find_collisions(written, _payloads(k), k.ram)
+    collisions = find_collisions(written, _payloads(k), k.ram)
+    if k.bogus_appended_dtb and k.dtb:
+        # Not an overlap: the 4 bytes kexec copied past _edata make the kernel boot with a DTB of size 0
+        # instead of the one at k.dtb.
+        collisions.append(Collision(BOGUS_DTB, "dtb", k.load + k.z, k.load + k.z + 4, "fatal"))
+    return written, collisions
 
 
 def _static_regions(k: Knowns) -> list[Region]:
@@ -194,8 +241,9 @@ def evaluate(k: Knowns, placement: Placement | None = None) -> Prediction:
             good = [v for v in dims[name] if not any(b for c, b in bad_combo.items() if c[i] == v)]
             bad = [v for v in dims[name] if all(b for c, b in bad_combo.items() if c[i] == v)]
             mixed = [v for v in dims[name] if v not in good and v not in bad]
-            text = f"{name}: safe for {_hexs(good) or 'none'}; collision for {_hexs(bad) or 'none'}"
-            undecided.append(text + (f"; depends on the rest for {_hexs(mixed)}" if mixed else ""))
+            show = _yes_no if name == FALLBACK_DIM else _hexs
+            text = f"{name}: safe for {show(good) or 'none'}; collision for {show(bad) or 'none'}"
+            undecided.append(text + (f"; depends on the rest for {show(mixed)}" if mixed else ""))
     written, cols = nominal
     regions = _static_regions(k) + [Region(n, s, e, "written") for n, s, e in written if e > s]
     return Prediction(

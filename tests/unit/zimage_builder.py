@@ -25,6 +25,7 @@ def build_zimage(
     lc0_layout: str = "new",
     appended_dtb: int | None = None,
     table: int = 0x2F0,
+    wont_overwrite: int | None = None,
 ) -> bytes:
     """A zImage with the header, tag table, LC0/LC1 literals and relocation instructions of DOMAIN.md.
 
@@ -59,6 +60,9 @@ def build_zimage(
     if pad is not None:
         imm = pad >> 8  # pad is a multiple of 256: imm8 rotated right by 24
         put(0x11B0, 0xE28AAC00 | imm, 0xE3CAA0FF)
+    if wont_overwrite is not None:
+        # add r10, r4, r9; adr r9, wont_overwrite; cmp r10, r9 -- where Debian's 6.1 zImage has them
+        put(0x11A0, 0xE084A009, 0xE28F9000 | (wont_overwrite - (0x11A4 + 8)), 0xE15A0009)
     if appended_dtb is not None:
         dtb = bytearray(appended_dtb)
         struct.pack_into(">II", dtb, 0, 0xD00DFEED, appended_dtb)
