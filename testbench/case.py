@@ -27,9 +27,11 @@ from .observe.observer import Observer
 from .observe.plan import make_plan
 from .observe.stage2 import CLOBBERED_AT_ENTRY, finish_run, watch_stage2
 from .oracle import Prediction, analyze
+from .oracle.placement import DEFAULT_VERSION, version_family
+from .oracle.placement_check import PlacementCheck, check_placement
 from .prepare import CaseRequest, PreparedCase, guest_commands, prepare_case
 from .report.artifacts import write_case_artifacts
-from .verdict import OracleComparison, Stage2, Verdict, judge_stage2
+from .verdict import OracleComparison, Stage2, Verdict, fold_placement, judge_stage2
 
 # What callers import from here: the request, the preparation and the run, and the stage-2 watch.
 __all__ = [
@@ -79,7 +81,8 @@ class CaseResult:
     loader_version: str | None = None
     qemu_version: str | None = None
     observation: Observation | None = None  # with --observe
-    agreement: OracleComparison | None = None  # does the oracle agree with the emulator?
+    agreement: OracleComparison | None = None  # does the oracle agree with the emulator (and with kexec)?
+    placement: PlacementCheck | None = None  # kexec's placement against the oracle's rules for the loader
     stage1: Stage1Origin | None = None
     image_set: dict | None = None  # where the Debian inputs came from (suite, lock, drift)
 
@@ -128,6 +131,7 @@ class CaseResult:
                 **{role: i.to_dict() for role, i in self.inputs.items()},
             },
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "placement_check": self.placement.to_dict() if self.placement else None,
             "kexec_rc": self.kexec_rc,
             "loader_version": self.loader_version,
             "qemu_version": self.qemu_version,
@@ -167,6 +171,7 @@ class _Run:
     prediction: Prediction | None = None
     observation: Observation | None = None
     agreement: OracleComparison | None = None
+    placement: PlacementCheck | None = None
     stage2: Stage2 | None = None
 
 
@@ -222,6 +227,7 @@ def _run_case(case: PreparedCase, say: Callable[[str], None], version: str, slot
         loader_version=run.loader_version,
         observation=run.observation,
         agreement=run.agreement,
+        placement=run.placement,
         stage1=run.stage1,
         image_set=case.image_set,
     )
@@ -278,6 +284,9 @@ def _load(case: PreparedCase, shell: Shell, command: str, run: _Run, say: Callab
     debug_text = (case.share / "kexec-debug.txt").read_text(errors="replace")
     run.log = _parse_load(debug_text)
     run.prediction = _predict(run.log, case, run.loader_version)
+    if run.log is not None:
+        family = case.kexec_family or version_family(run.loader_version or DEFAULT_VERSION)
+        run.placement = check_placement(run.log, case.zimage, family, case.request.kexec_args)
     if loaded.rc in (126, 127):  # the shell could not run the loader at all: our problem
         raise BenchError(f"stage 1 could not run kexec (exit {loaded.rc}): {debug_text.strip()[:200]}")
     if loaded.rc != 0:
@@ -333,7 +342,8 @@ def _exec(
         resumed_at=resumed_at,
     )
     run.timings["stage2"] = time.monotonic() - t_exec
-    run.verdict, run.observation, run.agreement, run.stage2 = end.verdict, end.observation, end.oracle, end.stage2
+    run.observation, run.stage2 = end.observation, end.stage2
+    run.verdict, run.agreement = fold_placement(end.verdict, end.oracle, run.placement)
 
 
 def _mib(case: PreparedCase) -> int:

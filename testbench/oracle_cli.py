@@ -1,10 +1,16 @@
 """`testbench analyze` and `testbench advise`: the static oracle on the command line.
 
+`analyze` reads a paste as attempts (testbench.inputs.attempts), judges each (testbench.oracle.judge) and
+prints one verdict per attempt, then the overall one: the worst judged attempt's.
+
 Exit codes
-  analyze: 0 safe (benign overlaps allowed), 1 collision (a fatal one), 3 unknown (a missing input
-           decides it; the output names it)
+  analyze: the overall verdict decides: 0 safe (benign overlaps allowed), 1 collision (a fatal one in
+           some attempt), 3 unknown (no collision, but a missing input decides some attempt; the output
+           names it and the option that gives it), 4 not loaded (no attempt got as far as a placement;
+           each has a diagnosis). Attempts that never loaded do not count while another was judged.
   advise:  0 advice printed, whether an --image-size is needed or not
-  both:    bad input or an impossible request raise UserError -> the CLI prints one line, exits 2
+  both:    bad input, no kexec attempt at all, none with enough to judge, or an impossible request raise
+           UserError -> the CLI prints one line, exits 2
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from .errors import UserError
 from .oracle.placement import DEFAULT_VERSION
 from .sizes import parse_size
 
-EXIT = {"safe": 0, "collision": 1, "unknown": 3}
+EXIT = {"safe": 0, "collision": 1, "unknown": 3, "not loaded": 4}
 QEMU_DTB_SIZE = 0x100000  # QEMU pads the DTB it generates to 1 MiB (/sys/firmware/fdt on virt)
 
 
@@ -64,35 +70,113 @@ def _table(pred) -> list[str]:
     return rows
 
 
-def _print_prediction(pred, header: list[str]) -> None:
-    for line in header:
-        print(line)
+def _prediction_lines(pred, decide: tuple[str, ...] = ()) -> list[str]:
+    out = []
     ram = [r for r in pred.regions if r.role == "ram"]
     if ram:
-        print("RAM: " + ", ".join(f"[{r.start:#x}, {r.end:#x})" for r in ram))
-    print()
-    print("\n".join(_table(pred)))
-    print()
+        out.append("RAM: " + ", ".join(f"[{r.start:#x}, {r.end:#x})" for r in ram))
+    out += ["", *_table(pred), ""]
     if pred.collisions:
-        print("collisions:")
-        for c in pred.collisions:
-            print(f"  {c.severity:<6} {c.label}  ({c.end - c.start:#x} bytes)")
+        out.append("collisions:")
+        out += [f"  {c.severity:<6} {c.label}  ({c.end - c.start:#x} bytes)" for c in pred.collisions]
     else:
-        print("collisions: none")
+        out.append("collisions: none")
     if pred.assumptions:
-        print("assumptions:")
-        for a in pred.assumptions:
-            print(f"  - {a}")
-    print()
+        out.append("assumptions:")
+        out += [f"  - {a}" for a in pred.assumptions]
+    out.append("")
     verdict = pred.verdict
     if verdict == "unknown":
-        print("verdict: unknown; it depends on:")
-        for u in pred.undecided:
-            print(f"  - {u}")
+        out.append("verdict: unknown; it depends on:")
+        out += [f"  - {u}" for u in (decide or pred.undecided)]
     elif verdict == "safe" and pred.collisions:
-        print("verdict: safe (only benign overlaps: the unused top of the decompressor's malloc arena)")
+        out.append("verdict: safe (only benign overlaps: the unused top of the decompressor's malloc arena)")
     else:
-        print(f"verdict: {verdict}")
+        out.append(f"verdict: {verdict}")
+    return out
+
+
+def _source(value: str | None, source: str | None) -> str:
+    if value is None:
+        return "unknown"
+    return f"{value} ({'named in the text' if source == 'text' else 'from ' + source})" if source else value
+
+
+def _attempt_lines(v) -> list[str]:
+    a, log = v.attempt, v.attempt.log
+    out = [f"kexec-tools {_source(a.kexec_version, a.kexec_version_source)}"]
+    if a.placed:
+        out[0] += f", log format {log.format}"
+    if a.command is not None:
+        out.append(f"command (line {a.command.line}): {a.command.text}")
+    if a.running_kernel:
+        out.append(f"running kernel: Linux {a.running_kernel}")
+    if a.placed:
+        out.append(f"new kernel: Linux {_source(a.kernel_version, a.kernel_version_source)}")
+    if a.copy is not None:
+        out.append(f"C: line (line {a.copy.line}): {a.copy.text}  [{a.copy_fit}]")
+    if a.executed:
+        out.append("executed: Bye! after it" + ("" if a.copy or a.messages else ", then nothing the paste shows"))
+    out += [f"after Bye! (line {m.line}): {m.text}" for m in a.messages]
+    out += [f"kexec error (line {f.line}): {f.text}" for f in a.failures]
+    names = (
+        ("zImage size", log.zimage_size),
+        ("requires", log.zimage_requires),
+        ("text+data", log.text_data),
+        ("bss", log.bss),
+        ("total", log.total),
+        ("kernel space", log.kernel_space),
+    )
+    if any(n is not None for _, n in names):
+        out.append("kexec: " + ", ".join(f"{k} {n:#x}" for k, n in names if n is not None))
+    for d in v.diagnoses:
+        out.append(f"diagnosis ({d.kind}): {d.summary}")
+        out += [f"  evidence: {e}" for e in d.evidence]
+        out += [f"  advice: {x}" for x in d.advice]
+    out += [f"note: {n}" for n in v.notes]
+    if v.prediction is not None:
+        fam = v.prediction.details.get("kexec_family")
+        out.append(f"rules: kexec-tools {fam}")
+        out += _prediction_lines(v.prediction, v.decide)
+    else:
+        out.append(f"verdict: {v.verdict}")
+    return out
+
+
+def _summary(result) -> list[str]:
+    rows = [f"  {'#':>2}  {'lines':<9} {'kexec':<9} {'kernel':<10} {'kernel at':<10} {'C:':<3} verdict"]
+    for v in result.attempts:
+        a = v.attempt
+        why = v.diagnoses[0].kind if v.verdict in ("not loaded", "incomplete") and v.diagnoses else ""
+        why = why or (", ".join(u.split(":")[0] for u in v.prediction.undecided) if v.prediction else "")
+        at = f"{a.log.kernel.address:#x}" if a.log.kernel else "-"
+        rows.append(
+            f"  {a.index:>2}  {a.lines[0]}-{a.lines[1]:<{8 - len(str(a.lines[0]))}} {a.kexec_version or '?':<9} "
+            f"{a.kernel_version or '?':<10} {at:<10} {'yes' if a.copy else '-':<3} {v.verdict}"
+            + (f" ({why})" if why else "")
+        )
+    return rows
+
+
+def _print_paste(path: str, result) -> None:
+    n = len(result.attempts)
+    print(f"kexec log: {path}: {n} attempt{'s' if n != 1 else ''}")
+    for v in result.attempts:
+        a = v.attempt
+        print()
+        print(f"== attempt {a.index} (lines {a.lines[0]}-{a.lines[1]}): {v.verdict}")
+        for line in _attempt_lines(v):
+            print(f"   {line}" if line else "")
+    if result.unattributed:
+        print()
+        print("C: lines tied to no attempt (not used):")
+        for u in result.unattributed:
+            print(f"  line {u.copy.line}: {u.copy.text}: {u.reason}")
+    print()
+    print("summary:")
+    print("\n".join(_summary(result)))
+    print()
+    print(f"overall verdict: {result.verdict} ({result.reason})")
 
 
 def _write_svg(path: str | None, pred, title: str) -> None:
@@ -107,31 +191,42 @@ def _write_svg(path: str | None, pred, title: str) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .inputs.kexeclog import parse_kexec_log
-    from .oracle import analyze
+    from .inputs.attempts import split_attempts
+    from .oracle.judge import Inputs, judge
 
-    log = parse_kexec_log(_read_text(args.logfile))
     zi = _zimage(args.zimage, args)
-    pred = analyze(log, zi, _int(args.text_offset, "--text-offset"), args.kexec_version)
-    if args.json:
-        print(json.dumps(pred.to_dict(), indent=2))
-    else:
-        fam = pred.details.get("kexec_family")
-        head = [f"kexec log: {args.logfile} (format {log.format}, rules {fam})"]
-        names = (
-            ("zImage size", "zimage_size"),
-            ("requires", "zimage_requires"),
-            ("text+data", "text_data"),
-            ("bss", "bss"),
-            ("total", "total"),
-            ("kernel space", "kernel_space"),
+    appended = ((zi.appended_dtb_size + 7) & ~7,) if zi is not None and zi.appended_dtb_size else ()
+    paste = split_attempts(_read_text(args.logfile), appended)
+    n = len(paste.attempts)
+    if args.attempt is not None and not 1 <= args.attempt <= n:
+        raise UserError(f"--attempt {args.attempt}: {args.logfile} holds {n} attempt{'s' if n != 1 else ''} (1-{n})")
+    efi = {"yes": True, "no": False}.get(args.efi_stub or "")
+    inputs = Inputs(
+        zi,
+        _int(args.text_offset, "--text-offset"),
+        args.kexec_version,
+        args.kernel_version,
+        _int(args.restart, "--restart"),
+        efi,
+    )
+    result = judge(paste, inputs, args.attempt)
+    if result.verdict == "incomplete":
+        why = "; ".join(
+            f"attempt {v.attempt.index} (lines {v.attempt.lines[0]}-{v.attempt.lines[1]}): "
+            + (v.notes[-1] if v.notes else v.diagnoses[0].summary if v.diagnoses else "incomplete")
+            for v in result.attempts
         )
-        seen = [(n, getattr(log, f)) for n, f in names]
-        if any(v is not None for _, v in seen):
-            head.append("kexec: " + ", ".join(f"{n} {v:#x}" for n, v in seen if v is not None))
-        _print_prediction(pred, head)
-    _write_svg(args.svg, pred, f"{Path(args.logfile).name}: {pred.verdict}")
-    return EXIT[pred.verdict]
+        raise UserError(f"nothing to judge in {args.logfile}: {why}")
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_paste(args.logfile, result)
+    d = result.deciding
+    if d is not None and d.prediction is not None:
+        _write_svg(args.svg, d.prediction, f"{Path(args.logfile).name} attempt {d.attempt.index}: {d.verdict}")
+    elif args.svg:
+        print(f"testbench: no layout to draw in {args.svg}: no attempt was judged", file=sys.stderr)
+    return EXIT[result.verdict]
 
 
 def _ram(args: argparse.Namespace) -> tuple[list[tuple[int, int]], str | None, int | None]:
@@ -164,7 +259,16 @@ def cmd_advise(args: argparse.Namespace) -> int:
         dtb = dtb_default if dtb_default is not None else QEMU_DTB_SIZE
         notes.append(f"DTB size taken as {dtb:#x} (give --dtb-size for the real one)")
     initrd = _int(args.initrd_size, "--initrd-size") or None
-    a = advise(zi, ram, args.kexec_version, initrd, dtb or None, _int(args.text_offset, "--text-offset"))
+    a = advise(
+        zi,
+        ram,
+        args.kexec_version,
+        initrd,
+        dtb or None,
+        _int(args.text_offset, "--text-offset"),
+        mem_min=_int(args.mem_min, "--mem-min") or 0,
+        mem_max=_int(args.mem_max, "--mem-max"),
+    )
     if args.json:
         out = {
             "needed": a.needed,
@@ -200,6 +304,12 @@ def register(subparsers) -> None:
     an.add_argument("--vmlinux", help="the kernel vmlinux, for exact TEXT_OFFSET and sizes")
     an.add_argument("--text-offset", help="the kernel's TEXT_OFFSET, e.g. 0x8000")
     an.add_argument("--kexec-version", help="kexec-tools version that printed the log, e.g. 2.0.18")
+    an.add_argument(
+        "--kernel-version", help="the loaded kernel's version, e.g. 5.6.0 (default: its banner or file name in the log)"
+    )
+    an.add_argument("--restart", help="the decompressor's restart offset (decides an unknown that hinges on it)")
+    an.add_argument("--efi-stub", choices=("yes", "no"), help="the zImage has an EFI stub (restart ~0x10a0) or not")
+    an.add_argument("--attempt", type=int, help="judge only this attempt (1-based, as numbered in the output)")
     an.add_argument("--json", action="store_true", help="print JSON instead of the table")
     an.add_argument("--svg", help="write the memory map to this SVG file")
     an.set_defaults(func=cmd_analyze)
@@ -215,6 +325,8 @@ def register(subparsers) -> None:
     ad.add_argument("--dtb-size", help="DTB size after kexec's additions (default: 1M for QEMU's own DTB)")
     ad.add_argument("--kexec-version", default=DEFAULT_VERSION, help=f"kexec-tools version (default {DEFAULT_VERSION})")
     ad.add_argument("--text-offset", help="TEXT_OFFSET when the zImage's tag lacks it")
+    ad.add_argument("--mem-min", help="kexec's --mem-min: the lowest address it may load to")
+    ad.add_argument("--mem-max", help="kexec's --mem-max: the highest address it may load to")
     ad.add_argument("--decompressor-elf", help="arch/arm/boot/compressed/vmlinux, for exact constants")
     ad.add_argument("--vmlinux", help="the kernel vmlinux, for exact TEXT_OFFSET and sizes")
     ad.add_argument("--json", action="store_true", help="print JSON")

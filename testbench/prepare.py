@@ -7,11 +7,14 @@ import json
 import os
 import shlex
 import shutil
+import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .datafiles import data_path
 from .emulator.qemu import SHARE_TAG, QemuSpec, qemu_binary
 from .errors import BenchError, UserError
+from .fileio import sha256_file
 from .inputs.checks import Input, Loader, check_dtb, check_kexec, describe, existing_file, loader_bundle
 from .inputs.images import Images
 from .inputs.initramfs import cached_stage2_initrd, stage1_initramfs
@@ -63,6 +66,7 @@ class PreparedCase:
     payload_sha256: str | None
     kexec_command: str
     image_set: dict  # Images.provenance(): the Debian suite, its lock and any drift from it
+    kexec_family: str | None = None  # the oracle's rule family when a known patch decides it, else by version
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -179,7 +183,23 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
         image_set=images.provenance(),
         payload_sha256=payload_sha,
         kexec_command=f"{run_kexec} {shlex.join(load_args)}",
+        kexec_family=patched_family(loader.binary),
     )
+
+
+def patched_family(binary: Path) -> str | None:
+    """The rule family of a loader scripts/build-kexec built with a patch from data/kexec-patches."""
+    try:
+        meta = json.loads((binary.parent / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    known = tomllib.loads(data_path("kexec-patches", "families.toml").read_text())
+    for patch in meta.get("patches") or []:
+        entry = known.get(patch.get("name"))
+        packaged = data_path("kexec-patches", str(patch.get("name")))
+        if entry and packaged.is_file() and sha256_file(packaged) == patch.get("sha256"):
+            return str(entry["family"])
+    return None
 
 
 def _built_version(binary: Path) -> str | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .inputs.kexeclog import parse_kexec_log
+from .inputs.attempts import Attempt, split_attempts
 from .machines import Machine, get_machine
 from .observe.observer import STOP_DEADLINES
 from .replay import ReplayRequest, replay
@@ -36,11 +36,11 @@ def _file(path: str, role: str) -> Path:
 
 def _addresses(args: argparse.Namespace, m: Machine) -> tuple[int, int | None, int | None, int | None]:
     """(kernel, initrd, dtb, the log's initrd size) as absolute addresses on `m`."""
+    if getattr(args, "attempt", None) is not None and not args.from_log:
+        raise UserError("--attempt picks an attempt of --from-log: give --from-log too")
     if args.from_log:
-        text = _file(args.from_log, "--from-log")
-        log = parse_kexec_log(text.read_text(errors="replace"))
-        if not log.memory_ranges or log.kernel is None:
-            raise UserError(f"{args.from_log}: the log needs MEMORY RANGES and a 'Kernel:' line to replay")
+        log = pick_attempt(args.from_log, getattr(args, "attempt", None)).log
+        assert log.kernel is not None and log.dtb is not None  # pick_attempt returns complete attempts only
         base = log.memory_ranges[0][0]
         return (
             log.kernel.address - base + m.ram_base,
@@ -56,6 +56,28 @@ def _addresses(args: argparse.Namespace, m: Machine) -> tuple[int, int | None, i
         _address(args.dtb_at, m.ram_base, "--dtb-at"),
         None,
     )
+
+
+def pick_attempt(path: str, number: int | None) -> Attempt:
+    """Attempt `number` (1-based) of the log, or its first complete one: MEMORY RANGES, Kernel: and DT lines."""
+    paste = split_attempts(_file(path, "--from-log").read_text(errors="replace"))
+    attempts = paste.attempts
+    complete = [a.index for a in attempts if a.complete]
+    have = f"complete: {', '.join(map(str, complete))}" if complete else "none complete"
+    if number is None:
+        if not complete:
+            raise UserError(
+                f"{path}: no attempt has MEMORY RANGES, a 'Kernel:' line and a 'DT' line to replay "
+                f"({len(attempts)} attempt{'s' if len(attempts) != 1 else ''})"
+            )
+        return attempts[complete[0] - 1]
+    if not 1 <= number <= len(attempts):
+        raise UserError(f"--attempt {number}: {path} holds {len(attempts)} attempt(s), 1-{len(attempts)} ({have})")
+    if number not in complete:
+        raise UserError(
+            f"--attempt {number}: it lacks MEMORY RANGES, a 'Kernel:' line or a 'DT' line to replay ({have})"
+        )
+    return attempts[number - 1]
 
 
 def request_from_args(args: argparse.Namespace) -> ReplayRequest:
@@ -136,6 +158,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--initrd-at", help="initrd address")
     p.add_argument("--dtb-at", help="DTB address")
     p.add_argument("--from-log", help="take the addresses from a kexec --debug log, relative to its RAM base")
+    p.add_argument(
+        "--attempt",
+        type=int,
+        help="with --from-log: which kexec attempt of the log (1-based, as `testbench analyze` numbers them; "
+        "default the first with MEMORY RANGES, Kernel: and DT lines)",
+    )
     p.add_argument(
         "--until",
         choices=UNTIL,

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .observe.observation import Observation
 from .oracle import Collision, Prediction
+from .oracle.placement_check import PlacementCheck
 
 # How far a case (or a replay) goes: to stage 2's init, or to the kernel entry (a layout verdict only).
 UNTIL = ("init", "kernel-entry")
@@ -301,7 +302,7 @@ def judge_observation(verdict: Verdict, observed: Observation, agreement: Oracle
         reasons.append(
             f"phase diagnosis: the kernel was entered (stop 2, r2 = DTB address) with the "
             f"{' and '.join(victims)} already overwritten by the decompressor"
-            + ("; without a valid DTB the kernel finds no console, hence the silence" if "dtb" in victims else "")
+            + ("; without a valid DTB the kernel finds no console and stays silent" if "dtb" in victims else "")
         )
     for line in observed.kernel_log:
         reasons.append(f"kernel log in RAM: {line}")
@@ -310,3 +311,20 @@ def judge_observation(verdict: Verdict, observed: Observation, agreement: Oracle
     if not reasons:
         return verdict
     return Verdict("fail" if verdict.verdict != "error" else "error", phase, tuple(reasons) + verdict.reasons)
+
+
+def fold_placement(
+    verdict: Verdict, agreement: OracleComparison | None, check: PlacementCheck | None
+) -> tuple[Verdict, OracleComparison | None]:
+    """kexec's placement against the oracle's rules for that loader: a difference is an oracle
+    disagreement like one with the emulator, so the cell fails and says where."""
+    if check is None or check.agrees:
+        return verdict, agreement
+    diffs = tuple(f"placement ({check.family} rules): {d}" for d in check.differences)
+    if agreement is None:
+        agreement = OracleComparison(False, diffs)
+    else:
+        agreement = replace(agreement, agrees=False, differences=agreement.differences + diffs)
+    reasons = tuple(f"oracle disagrees with kexec: {d}" for d in diffs)
+    outcome = "error" if verdict.verdict == "error" else "fail"
+    return Verdict(outcome, verdict.phase, verdict.reasons + reasons), agreement

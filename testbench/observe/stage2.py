@@ -91,8 +91,8 @@ class RunEnd:
 
 NOT_WATCHED = ("kernel-entry", "observed", "clobbered")
 CLOBBERED_AT_ENTRY = (
-    "stage 2 not watched: a payload segment was already overwritten at the kernel entry, so the second "
-    "kernel cannot get its initrd or DTB intact"
+    "stage 2 not watched: the DTB was already overwritten at the kernel entry, so the second kernel "
+    "cannot find its console or its initrd; only the silence window would follow"
 )
 
 
@@ -111,15 +111,21 @@ def finish_run(
     """The end of a run after kexec -e (or replay's first stop) and the observer's stops, if any.
 
     Stage 2 is watched unless the run is layout only (`until` kernel-entry) or a stop never came (the VM was
-    halted and dumped) or a payload segment was already clobbered at the kernel entry: the verdict is then
-    known, and waiting out the new kernel's silence would only cost time. `judge_console(console text since
+    halted and dumped) or the DTB was already clobbered at the kernel entry: the verdict is then known, and
+    waiting out the new kernel's silence would only cost time. `judge_console(console text since
     start, ended_by)` is the caller's console verdict; the emulator's ground truth (with the oracle's
     agreement) is folded into it here."""
     if until == "kernel-entry":
         ended_by = "kernel-entry"  # layout only: the ground truth is the verdict
     elif observation is not None and observation.phase in ("handoff", "decompress"):
         ended_by = "observed"  # the stop never came: the VM was halted and dumped
-    elif observation is not None and observation.phase == "kernel" and observation.clobbered:
+    elif (
+        observation is not None
+        and observation.phase == "kernel"
+        and any(c.segment == "dtb" for c in observation.clobbered)
+    ):
+        # Without its DTB the new kernel finds no console: only the silence window would follow. (With the
+        # initrd alone clobbered it boots and says so within seconds, e.g. "Initramfs unpacking failed".)
         ended_by = "clobbered"
     else:
         entered = observation is not None and observation.phase == "kernel"

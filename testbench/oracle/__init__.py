@@ -10,6 +10,9 @@ Public API (what the CLI and the end-to-end loop call):
     analyze(log: KexecLog, zimage: ZImage | None = None, text_offset: int | None = None,
             kexec_version: str | None = None) -> Prediction
         the same evaluation for an observed `kexec --debug` log (the log's addresses win).
+    judge(paste: inputs.attempts.Paste, inputs: Inputs = Inputs(), only: int | None = None) -> PasteVerdict
+        analyze for each attempt of a pasted report on its own, a diagnosis for one that never loaded
+        (diagnose.py), and the paste's overall verdict (the worst judged attempt's).
     advise(zimage, ram_ranges, kexec_version, initrd_size=None, dtb_size=None, text_offset=None) -> Advice
         the smallest page-aligned --image-size with no overlap at all.
     place(...) -> Placement, locate_hole(...)       kexec-tools' arithmetic alone (placement.py)
@@ -26,6 +29,8 @@ All ranges are [start, end) and all addresses physical.
 from .advise import Advice, AdviceError, advise
 from .analyze import AnalyzeError, analyze, predict
 from .collide import MALLOC_USED_BOUND, Collision, Region
+from .diagnose import Diagnosis, diagnose
+from .judge import AttemptVerdict, Inputs, PasteVerdict, judge
 from .placement import DEFAULT_VERSION, FAMILIES, Placement, PlacementError, locate_hole, place, version_family
 from .predict import Knowns, Prediction, evaluate
 
@@ -36,15 +41,21 @@ __all__ = [
     "Advice",
     "AdviceError",
     "AnalyzeError",
+    "AttemptVerdict",
     "Collision",
+    "Diagnosis",
+    "Inputs",
     "Knowns",
+    "PasteVerdict",
     "Placement",
     "PlacementError",
     "Prediction",
     "Region",
     "advise",
     "analyze",
+    "diagnose",
     "evaluate",
+    "judge",
     "locate_hole",
     "place",
     "predict",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..errors import UserError
 from ..inputs.zimage import ZImage
 from .analyze import predict
-from .placement import PAGE, PlacementError, align_up
+from .placement import PAGE, ULONG_MAX, PlacementError, align_up
 from .predict import Prediction
 
 
@@ -45,9 +45,12 @@ def _try(
     initrd_size: int | None,
     dtb_size: int | None,
     text_offset: int | None,
+    window: tuple[int, int] = (0, ULONG_MAX),
 ) -> Prediction | None:
     try:
-        return predict(zimage, ram, version, size, initrd_size, dtb_size, text_offset)
+        return predict(
+            zimage, ram, version, size, initrd_size, dtb_size, text_offset, mem_min=window[0], mem_max=window[1]
+        )
     except UserError:
         return None  # kexec itself would refuse (no hole, overlapping segments)
 
@@ -59,10 +62,16 @@ def advise(
     initrd_size: int | None = None,
     dtb_size: int | None = None,
     text_offset: int | None = None,
+    *,
+    mem_min: int = 0,
+    mem_max: int | None = None,
 ) -> Advice:
     ram = sorted(ram_ranges)
+    window = (mem_min, ULONG_MAX if mem_max is None else mem_max)  # kexec's --mem-min/--mem-max
     try:
-        default = predict(zimage, ram, kexec_version, None, initrd_size, dtb_size, text_offset)
+        default = predict(
+            zimage, ram, kexec_version, None, initrd_size, dtb_size, text_offset, mem_min=window[0], mem_max=window[1]
+        )
     except PlacementError as exc:
         raise AdviceError(f"{exc}; a larger --image-size only moves the initrd and DTB higher") from None
     pl = default.placement
@@ -90,12 +99,12 @@ def advise(
     top = max(r.end for r in default.regions if r.role == "written")
     rel = pl.base if pl.family == "<=2.0.12" else pl.kernel_base
     size = align_up(top - rel + 0x3400, PAGE)
-    best = _try(zimage, ram, kexec_version, size, initrd_size, dtb_size, text_offset)
+    best = _try(zimage, ram, kexec_version, size, initrd_size, dtb_size, text_offset, window)
     step = 0x100000
     while best is not None and not _strict_safe(best) and step <= 0x4000000:
         size += step
         step *= 2
-        best = _try(zimage, ram, kexec_version, size, initrd_size, dtb_size, text_offset)
+        best = _try(zimage, ram, kexec_version, size, initrd_size, dtb_size, text_offset, window)
     if best is None or not _strict_safe(best):
         reason = (
             "kexec cannot place the payloads that high"
@@ -104,7 +113,7 @@ def advise(
         )
         raise AdviceError(f"no --image-size makes this load safe in this RAM: at {size:#x}: {reason}")
     while size - PAGE > 0:
-        trial = _try(zimage, ram, kexec_version, size - PAGE, initrd_size, dtb_size, text_offset)
+        trial = _try(zimage, ram, kexec_version, size - PAGE, initrd_size, dtb_size, text_offset, window)
         if trial is None or not _strict_safe(trial):
             break
         size, best = size - PAGE, trial

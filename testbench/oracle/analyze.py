@@ -65,6 +65,13 @@ def _zimage_fields(zi: ZImage) -> dict:
     }
 
 
+def tag_words(zi: ZImage) -> tuple[int, int] | None:
+    """(TEXT_OFFSET, MALLOC_SIZE) when the KLSZ tag carries them (6 words, Linux >= 5.10)."""
+    if zi.tag_words is not None and zi.tag_words >= 6 and zi.text_offset is not None and zi.malloc_size is not None:
+        return zi.text_offset, zi.malloc_size
+    return None
+
+
 def _fallback(kernel_version: str | None) -> tuple[bool | None, list[str]]:
     fallback = has_fallback(kernel_version)
     if kernel_version and fallback is None:
@@ -108,6 +115,8 @@ def predict(
         dtb_size,
         mem_min,
         mem_max,
+        tag_words(zimage),
+        efi_stub=zimage.efi_stub,
     )
     dtb8, bogus, notes = _appended_dtb8(zimage, family, kexec_version)
     fallback, more = _fallback(kernel_version)
@@ -180,11 +189,15 @@ def analyze(
     *,
     kernel_version: str | None = None,
     memory: Sequence[tuple[int, int]] | None = None,
+    restart: int | None = None,
+    efi_stub: bool | None = None,
+    reloc_pad: int | None = None,
 ) -> Prediction:
     """Evaluate an observed load. Values in the log win; the zImage fills what the log lacks.
 
     `kernel_version` (of the kernel being loaded) decides the kernel_address fallback (Linux >= 5.12);
-    `memory` is the DTB's /memory when known (the decompressor reads that, not /proc/iomem).
+    `memory` is the DTB's /memory when known (the decompressor reads that, not /proc/iomem); `restart`,
+    `efi_stub` and `reloc_pad` override what the zImage says (or stand in when there is none).
     """
     notes: list[str] = []
     ram = tuple(log.memory_ranges) or None
@@ -221,6 +234,14 @@ def analyze(
         inflated = inflated if inflated is not None else zimage.inflated_size
         kbss = kbss if kbss is not None else zimage.kernel_bss
     fields = _zimage_fields(zimage) if zimage is not None else {}
+    if fields.get("text_offset") is None and log.tag_text_offset is not None:
+        fields["text_offset"] = log.tag_text_offset  # the tag-aware loader printed the tag's word
+        notes.append(f"TEXT_OFFSET {log.tag_text_offset:#x} from kexec's 'Kernel TEXT_OFFSET' line")
+    if fields.get("malloc_size") is None and log.tag_malloc_size is not None:
+        fields["malloc_size"] = log.tag_malloc_size
+    for name, value in (("restart", restart), ("efi_stub", efi_stub), ("reloc_pad", reloc_pad)):
+        if value is not None:
+            fields[name] = value  # given on the command line: decides an "unknown" that hinged on it
     if text_offset is not None:
         fields["text_offset"] = text_offset
     copy = None

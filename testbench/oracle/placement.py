@@ -1,10 +1,14 @@
 """Where kexec-tools puts the zImage, initrd and DTB, version by version (DOMAIN.md section 3).
 
-Four rule families:
+Four rule families of released kexec-tools, and the bench's own fix:
   "<=2.0.12"       initrd at base + ALIGN(4 * file length) (or --image-size), whole file loaded
   "2.0.13-2.0.15"  initrd at kernel_base + ALIGN(5 * Z) (or --image-size), Z = header size
   "2.0.16"         first tag reader: I + B_k
   ">=2.0.17"       max(I + B_k, I + Z + 0x11000), --image-size only ever raises it
+  "tag-aware"      >=2.0.17 with images/kexec-patches/arm-zimage-tag-aware.patch: when the KLSZ tag has the
+                   TEXT_OFFSET and MALLOC_SIZE words, (TO - 0x8000) + max(I + B_k, I + Z + S + M), S = 0x2000
+                   (0x1000 for an EFI stub zImage, whose relocated copy starts a page in); otherwise
+                   exactly ">=2.0.17"
 
 `locate_hole` is kexec's first-fit search: the lowest page-aligned address >= min in a System RAM range,
 skipping segments already added; `--mem-min`/`--mem-max` clip every range first (kexec.c locate_hole).
@@ -23,7 +27,12 @@ PAGE = 0x1000
 EXTRA = 0x8000  # kexec-tools' hard-coded TEXT_OFFSET ("extra_size")
 DECOMP_EXTRA = 0x11000  # 2.0.17+: 4 KiB stack + 64 KiB malloc for the decompressor
 ULONG_MAX = 0xFFFFFFFF
-FAMILIES = ("<=2.0.12", "2.0.13-2.0.15", "2.0.16", ">=2.0.17")
+TAG_AWARE = "tag-aware"
+FAMILIES = ("<=2.0.12", "2.0.13-2.0.15", "2.0.16", ">=2.0.17", TAG_AWARE)
+# tag-aware: the decompressor's 4 KiB stack plus one page for its relocation pad and its own bss, one page
+# less for an EFI stub zImage ("MZ" at offset 0), whose copy starts at restart ~0x10a0 instead of ~0xc0
+TAG_AWARE_SLACK = 0x2000
+TAG_AWARE_EFI_SLACK = 0x1000
 DEFAULT_VERSION = "2.0.25"  # Debian 12's kexec-tools: the version assumed when none is given or logged
 
 Ranges = Sequence[tuple[int, int]]
@@ -158,9 +167,12 @@ def place(
     dtb_size: int | None,
     mem_min: int = 0,
     mem_max: int = ULONG_MAX,
+    tag_words: tuple[int, int] | None = None,
+    efi_stub: bool = False,
 ) -> Placement:
     """Reproduce kexec-tools' arithmetic. `family` is one of FAMILIES; sizes of None mean 'not given';
-    `mem_min`/`mem_max` are kexec's --mem-min/--mem-max (inclusive)."""
+    `mem_min`/`mem_max` are kexec's --mem-min/--mem-max (inclusive); `tag_words` the KLSZ tag's
+    (TEXT_OFFSET, MALLOC_SIZE) when it has them (only the tag-aware family reads them, and `efi_stub`)."""
 
     def find(ranges: Ranges, used: Ranges, size: int, min_addr: int, what: str) -> int:
         return _hole(ranges, used, size, min_addr, what, mem_min, mem_max)
@@ -173,14 +185,19 @@ def place(
     else:
         length = min(file_size, zimage_size)
         memsz = align_up(length + 4, PAGE)  # f11d833: the word after _edata must read as zero
-    if family == ">=2.0.17":
+    z = length
+    if family in (">=2.0.17", TAG_AWARE):
         length += DECOMP_EXTRA
     base = find(ram, (), length + EXTRA, 0, "kernel")
     kbase = base + EXTRA
     has_tag = inflated is not None and kernel_bss is not None
-    if family == ">=2.0.17":
+    if family in (">=2.0.17", TAG_AWARE):
         if has_tag:
             ksize = max(inflated + kernel_bss, inflated + length)  # type: ignore[operator]
+            if family == TAG_AWARE and tag_words is not None and tag_words[0] >= EXTRA:
+                text_offset, malloc = tag_words
+                slack = TAG_AWARE_EFI_SLACK if efi_stub else TAG_AWARE_SLACK
+                ksize = text_offset - EXTRA + max(inflated + kernel_bss, inflated + z + slack + malloc)  # type: ignore[operator]
             size = image_size if image_size and image_size >= ksize else ksize
         else:
             size = image_size or length * 5
