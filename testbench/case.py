@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from .cpus import Cpus, load_refusal
 from .deadlines import PHASES
 from .emulator.console import ConsoleClosed, ConsoleTimeout
 from .emulator.guest import Shell
@@ -22,14 +23,16 @@ from .emulator.snapshot import Slot, SnapshotBroken, claim, wait_restored
 from .errors import BenchError, UserError
 from .inputs import kexeclog
 from .inputs.checks import Input
+from .kdump import CrashRun, run_crash
 from .observe.observation import Observation
 from .observe.observer import Observer
 from .observe.plan import make_plan
 from .observe.stage2 import CLOBBERED_AT_ENTRY, finish_run, watch_stage2
 from .oracle import Prediction, analyze
+from .oracle.diagnose import load_diagnoses
 from .oracle.placement import DEFAULT_VERSION, version_family
 from .oracle.placement_check import PlacementCheck, check_placement
-from .prepare import CaseRequest, PreparedCase, guest_commands, prepare_case
+from .prepare import CPUS_FILE, CaseRequest, PreparedCase, guest_commands, prepare_case, put_bootargs_in_dtb
 from .report.artifacts import write_case_artifacts
 from .verdict import OracleComparison, Stage2, Verdict, fold_placement, judge_stage2
 
@@ -56,9 +59,12 @@ class Stage1Origin:
 
     source: str
     snapshot: str | None
+    why: str | None = None  # why a case that may use snapshots booted (machine.snapshot_refused)
+    share: str | None = None  # how the case's files reached stage 1 (emulator/share.py)
 
     def to_dict(self) -> dict:
-        return {"from": self.source, "snapshot": self.snapshot}
+        why = {"why": self.why} if self.why else {}
+        return {"from": self.source, "snapshot": self.snapshot, "share": self.share} | why
 
 
 def prediction_dict(p: Prediction) -> dict:
@@ -85,6 +91,7 @@ class CaseResult:
     placement: PlacementCheck | None = None  # kexec's placement against the oracle's rules for the loader
     stage1: Stage1Origin | None = None
     image_set: dict | None = None  # where the Debian inputs came from (suite, lock, drift)
+    kdump: dict | None = None  # mode kdump: the reservation, crash oracle, outside writes, vmcore (kdump.py)
 
     # The result.json views of the typed parts (what readers of result.json see).
     @property
@@ -122,6 +129,7 @@ class CaseResult:
             **self.verdict.to_dict(),
             "machine": m.name,
             "ram": {"base": m.ram_base, "size": self.request.ram},
+            "smp": m.smp,
             "kexec_args": list(self.request.kexec_args),
             "load": self.load,
             "predicted": self.predicted,
@@ -137,6 +145,8 @@ class CaseResult:
             "qemu_version": self.qemu_version,
             "stage1": self.stage1.to_dict() if self.stage1 else None,
             "until": self.request.until,
+            "mode": self.request.mode,
+            **({"kdump": self.kdump} if self.kdump is not None else {}),
             **truth,
         }
 
@@ -144,7 +154,8 @@ class CaseResult:
 def run_case(case: PreparedCase, say: Callable[[str], None] = lambda s: None) -> CaseResult:
     """Run the case from the profile's stage-1 snapshot when there is one (making it when there is not)."""
     version = ".".join(map(str, qemu_version()))
-    slot = claim(case.stage1, version, say) if case.request.snapshot else None
+    usable = case.request.snapshot and case.request.machine.snapshot_refused(case.stage1.share_transport) is None
+    slot = claim(case.stage1, version, say) if usable else None
     try:
         return _run_case(case, say, version, slot)
     except SnapshotBroken as err:
@@ -173,6 +184,7 @@ class _Run:
     agreement: OracleComparison | None = None
     placement: PlacementCheck | None = None
     stage2: Stage2 | None = None
+    kdump: dict | None = None
 
 
 def _run_case(case: PreparedCase, say: Callable[[str], None], version: str, slot: Slot | None) -> CaseResult:
@@ -180,7 +192,9 @@ def _run_case(case: PreparedCase, say: Callable[[str], None], version: str, slot
     commands = guest_commands(case)
     (case.share / "autorun.sh").write_text("\n".join(commands) + "\n")
     incoming = slot.state if slot is not None and slot.ready else None
-    run = _Run(Stage1Origin("snapshot" if incoming else "boot", slot.key if slot else None))
+    refused = request.machine.snapshot_refused(case.stage1.share_transport) if request.snapshot else None
+    source = "snapshot" if incoming else "boot"
+    run = _Run(Stage1Origin(source, slot.key if slot else None, refused, case.stage1.share_transport))
     try:
         # --gdb opens the gdbstub for the user (and lifts every deadline); --observe uses it itself.
         with QemuProcess(
@@ -195,9 +209,11 @@ def _run_case(case: PreparedCase, say: Callable[[str], None], version: str, slot
             assert qemu.console is not None
             shell = Shell(qemu.console)
             _stage1(qemu, shell, slot, incoming is not None, run, say)
-            _setup(shell, commands, run)
+            _setup(case, shell, commands, run)
             run.phase = "load"
-            if _load(case, shell, commands[-2], run, say):
+            if request.mode == "kdump":
+                _crash(case, qemu, shell, commands, run, say)
+            elif _load(case, shell, commands[-2], run, say):
                 run.phase = "handoff"  # from here an observer failure belongs to kexec -e, not to the load
                 _exec(case, qemu, shell, commands[-1], run, say)
     except (ConsoleTimeout, ConsoleClosed) as err:
@@ -230,6 +246,7 @@ def _run_case(case: PreparedCase, say: Callable[[str], None], version: str, slot
         placement=run.placement,
         stage1=run.stage1,
         image_set=case.image_set,
+        kdump=run.kdump,
     )
     title = (
         f"{request.machine.name} {' '.join(request.kexec_args) or 'default placement'}: "
@@ -264,12 +281,14 @@ def _stage1(
     run.timings["boot1"] = time.monotonic() - t0
 
 
-def _setup(shell: Shell, commands: list[str], run: _Run) -> None:
+def _setup(case: PreparedCase, shell: Shell, commands: list[str], run: _Run) -> None:
     t_setup = time.monotonic()
-    for command in commands[:-2]:
+    for i, command in enumerate(commands[:-2]):
         result = shell.run(command, TIMEOUTS["command"], command.split()[0])
         if result.rc != 0:
             raise BenchError(f"stage-1 command failed ({result.rc}): {command}\n{result.output}")
+        if i == 0 and case.bootargs_in_dtb:  # the share's board.dtb exists now
+            put_bootargs_in_dtb(case)
         if command.endswith("--version"):
             run.loader_version = _kexec_version(result.output)
     run.timings["setup"] = time.monotonic() - t_setup
@@ -291,7 +310,11 @@ def _load(case: PreparedCase, shell: Shell, command: str, run: _Run, say: Callab
         raise BenchError(f"stage 1 could not run kexec (exit {loaded.rc}): {debug_text.strip()[:200]}")
     if loaded.rc != 0:
         tail = " | ".join(debug_text.strip().splitlines()[-3:])
-        run.verdict = Verdict("fail", "load", (f"kexec -l exited {loaded.rc}: {tail}",))
+        cpus_file = case.share / CPUS_FILE  # stage 1's CPUs (set-up): a refusal only SMP explains comes first
+        stage1_cpus = Cpus.parse(cpus_file.read_text()) if cpus_file.is_file() else None
+        why = load_refusal(debug_text, stage1_cpus, case.request.machine.cpu_hotplug)
+        why += load_diagnoses(run.loader_version, case.kexec_command, debug_text)
+        run.verdict = Verdict("fail", "load", (*why, f"kexec -l exited {loaded.rc}: {tail}"))
         return False
     return True
 
@@ -325,7 +348,9 @@ def _exec(
             return Verdict("pass", "kernel", (LAYOUT_ONLY,))
         if ended_by == "clobbered":
             return Verdict("fail", "kernel", (CLOBBERED_AT_ENTRY,))
-        verdict = judge_stage2(after, request.stage2_cmdline, case.payload_sha256, ended_by)
+        verdict = judge_stage2(
+            after, request.stage2_cmdline, case.payload_sha256, ended_by, expected_cpus=request.machine.smp
+        )
         if verdict.verdict == "fail" and prediction is not None:
             verdict = replace(verdict, reasons=verdict.reasons + _oracle_reasons(prediction))
         return verdict
@@ -344,6 +369,24 @@ def _exec(
     run.timings["stage2"] = time.monotonic() - t_exec
     run.observation, run.stage2 = end.observation, end.stage2
     run.verdict, run.agreement = fold_placement(end.verdict, end.oracle, run.placement)
+
+
+def _crash(
+    case: PreparedCase, qemu: QemuProcess, shell: Shell, commands: list[str], run: _Run, say: Callable[[str], None]
+) -> None:
+    """Mode kdump: kexec -p and the panic (kdump.py); what it gathered is kept even when it raises."""
+    crash = CrashRun()
+    try:
+        run_crash(case, qemu, shell, commands[-2], commands[-1], run.loader_version, crash, say)
+    finally:
+        run.phase = crash.phase
+        run.timings.update(crash.timings)
+        run.kexec_rc, run.log, run.placement = crash.kexec_rc, crash.log, crash.placement
+        run.prediction = crash.crash.prediction if crash.crash is not None else None
+        run.observation, run.agreement, run.stage2 = crash.observation, crash.agreement, crash.stage2
+        run.kdump = crash.to_dict()
+        if crash.verdict is not None:
+            run.verdict = crash.verdict
 
 
 def _mib(case: PreparedCase) -> int:

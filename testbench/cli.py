@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 from .errors import BenchError, UserError
+from .modes import CRASHKERNEL_DEFAULT, MODES
 from .sizes import format_size, parse_size
 from .verdict import UNTIL
 
-SUBCOMMAND_MODULES = ("oracle_cli", "replay_cli", "doctor", "matrix")
+SUBCOMMAND_MODULES = ("oracle_cli", "replay_cli", "doctor", "matrix_cli", "report.merge")
 DEMO_PLACEMENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("default", ()),
     ("image-size", ("--image-size=0x2000000",)),
@@ -36,13 +37,24 @@ def _run_one(
 ):
     from .case import CaseRequest, prepare_case, run_case
     from .emulator.qemu import qemu_version
-    from .inputs.images import kernel_path, kexec_path, load_images
+    from .inputs.images import debian_suite, kernel_path, kexec_path, kexec_suite, load_images
+    from .inputs.lock import read_lock
     from .machines import get_machine
 
     machine = get_machine(machine_name)
+    if getattr(args, "smp", None) is not None:
+        machine = machine.with_smp(args.smp)
     qemu_version()  # fail early, with a clear line, when QEMU is missing or too old
-    images = load_images()
-    kernel = None if args.kernel in (None, "debian") else kernel_path(args.kernel)
+    stage1_debian, stage1_suite = debian_suite(getattr(args, "stage1_kernel", None))
+    if not stage1_debian:
+        raise UserError("--stage1-kernel: only debian or debian:SUITE (stage 1 needs the package's modules)")
+    images = load_images(stage1_suite)
+    # plain `debian` is the lock's default suite, whichever suite stage 1 runs
+    kernel_debian, kernel_suite = debian_suite(args.kernel)
+    kernel: Path | None = kernel_path(args.kernel)
+    if kernel == images.zimage:
+        kernel = None  # the stage-1 kernel again
+    default_suite = read_lock().default_suite
     kexec = kexec_path(args.kexec)
     request = CaseRequest(
         machine=machine,
@@ -54,6 +66,8 @@ def _run_one(
         seed=args.seed,
         dtb=Path(args.dtb) if args.dtb else None,
         kexec=kexec,
+        kexec_suite=None if kexec else kexec_suite(args.kexec) or default_suite,
+        kernel_suite=(kernel_suite or default_suite) if kernel_debian else None,
         kexec_args=kexec_args,
         gdb=getattr(args, "gdb", False),
         # Observed unless --no-observe: the emulator's ground truth is the point. --gdb hands the gdbstub
@@ -62,6 +76,9 @@ def _run_one(
         snapshot=not getattr(args, "no_snapshot", False),
         until=getattr(args, "until", "init"),
         memmap=getattr(args, "memmap", "plain"),
+        full_hash=getattr(args, "full_hash", False),
+        mode=getattr(args, "mode", "kexec"),
+        crashkernel=getattr(args, "crashkernel", None) or CRASHKERNEL_DEFAULT,
     )
     case = prepare_case(request, images)
     return run_case(case, say=(lambda s: None) if quiet else (lambda s: _say(f"{machine_name}: {s}")))
@@ -135,6 +152,12 @@ def cmd_images(args: argparse.Namespace) -> int:
     if args.action == "lock":
         lock_images(args.suite, _say)
         return 0
+    if args.action == "facts":
+        from .inputs.kernelinfo import kernel_info
+
+        for row in kernel_info(load_images(args.suite)).rows():
+            print(f"{row[0]:<36}{row[1]}")
+        return 0
     if args.action == "fetch":
         images = fetch_images(args.suite, _say, drift_ok=True if args.allow_drift else None)
     else:
@@ -154,10 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="boot stage 1, kexec -l / -e into stage 2, judge the result")
     run.add_argument("--machine", help="machine profile (no --machine: the demonstration over all machines)")
     run.add_argument("--ram", help="RAM size, e.g. 512M, 1G (default: the machine's default)")
+    run.add_argument("--smp", type=int, help="CPUs for QEMU (-smp N; default 1, at most the machine's max_smp)")
     run.add_argument(
         "--kernel",
         default="debian",
-        help="zImage to kexec into: 'debian', 'built:VARIANT' (scripts/build-kernel) or a path",
+        help="zImage to kexec into: 'debian' (the default suite's), 'debian:SUITE', 'built:VARIANT' "
+        "(scripts/build-kernel) or a path",
+    )
+    run.add_argument(
+        "--stage1-kernel",
+        default="debian",
+        help="the first kernel, which runs kexec: 'debian' or 'debian:SUITE' (default: the default suite's)",
     )
     initrd = run.add_mutually_exclusive_group()
     initrd.add_argument("--initrd-size", default="1M", help="stage-2 payload size (default 1M)")
@@ -167,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--kexec",
         default="debian",
-        help="kexec binary: 'debian', 'built:NAME' (scripts/build-kexec) or a path to an ARM build",
+        help="kexec binary: 'debian' (the default suite's kexec-tools), 'debian:SUITE', 'built:NAME' "
+        "(scripts/build-kexec) or a path to an ARM build",
     )
     run.add_argument("--kexec-args", default="", help='extra kexec -l arguments, e.g. "--image-size=0x2000000"')
     run.add_argument("--out", help="artifact dir (default out/<machine>-<time>)")
@@ -197,14 +228,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="boot stage 1 instead of restoring its saved state (the state is keyed by QEMU, "
         "machine, RAM and the stage-1 files, and made by the first case of each profile)",
     )
+    run.add_argument(
+        "--full-hash",
+        action="store_true",
+        help="stage 2 hashes the whole payload; by default an observed case over 4 MiB has it sampled "
+        "(its size and 18 seeded 64 KiB blocks: the observer proved every byte at the kernel entry)",
+    )
+    run.add_argument(
+        "--mode",
+        choices=MODES,
+        default="kexec",
+        help="kdump: stage 1 boots with crashkernel=, kexec -p loads the crash kernel, a panic (sysrq c) starts "
+        "it; it passes when its init sees its command line, initrd payload, DTB and a sound /proc/vmcore",
+    )
+    run.add_argument(
+        "--crashkernel",
+        metavar="SIZE[@ADDR]",
+        help=f"stage 1's crashkernel= in --mode kdump (default {CRASHKERNEL_DEFAULT}), e.g. 64M@0x50000000",
+    )
     run.set_defaults(func=cmd_run)
 
     images = sub.add_parser("images", help="fetch, list or lock the Debian armhf inputs (images/lock.toml)")
     images.add_argument(
         "action",
-        choices=("fetch", "list", "lock"),
+        choices=("fetch", "list", "lock", "facts"),
         help="fetch: install the locked set into the cache; list: show it; lock: rewrite the "
-        "suite's locked set from the archive as it is now",
+        "suite's locked set from the archive as it is now; facts: what the suite's kernel is (its zImage's "
+        "tag and decompressor constants, and its config)",
     )
     images.add_argument("--suite", help="Debian suite, e.g. bookworm or trixie (default: the lock's default)")
     images.add_argument(

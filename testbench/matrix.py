@@ -1,31 +1,39 @@
-"""A matrix of cases from a TOML file: axes, exclusions, expected verdicts; `testbench matrix` runs it.
+"""A matrix of cases from a TOML file: axes, exclusions, expected verdicts; and the one runner of its cells.
 
 Each cell runs as its own `testbench run` process (so a crash or a hang stays inside one cell, and the
-runner's PR_SET_PDEATHSIG chain kills every QEMU if the matrix itself is killed), N at a time, with a live
-progress line. The results land in DIR/results.json and DIR/index.html, one artifact dir per cell.
+runner's PR_SET_PDEATHSIG chain kills every QEMU if the matrix itself is killed), N at a time. The processes
+fork from a server that has imported the bench once (multiprocessing's forkserver): a fresh interpreter
+and its imports cost ~0.4 s of a 2-core host per cell. The front end is matrix_cli.py, shards shard.py.
 """
 
-import argparse
+import hashlib
 import itertools
 import json
+import multiprocessing
 import os
 import signal
-import subprocess
 import sys
+import threading
 import time
 import tomllib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 
 from .datafiles import data_path
 from .errors import UserError
+from .fileio import sha256_file
 from .sizes import parse_size
-from .verdict import UNTIL
 
 DEFAULT_MATRIX = data_path("matrix.toml")
-AXES = ("machine", "ram", "initrd", "placement", "kernel", "kexec", "memmap")
+AXES = ("machine", "ram", "initrd", "placement", "kernel", "kexec", "memmap", "crashkernel", "smp")
 STAGE2_BASE = 1 << 20  # busybox and init around the payload; only moves where the DTB lands
+# What the cell server imports before it forks: everything a `testbench run` needs, the subcommand modules
+# cli.build_parser() imports included.
+PRELOAD = ["testbench.cli", "testbench.case", "testbench.oracle_cli", "testbench.replay_cli", "testbench.doctor"]
+RUNNER_LOG = "runner.log"  # a cell process's stdout and stderr, in its artifact dir
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,8 @@ class Cell:
     kernel: str = "debian"
     kexec: str = "debian"
     memmap: str = "plain"  # images/memmaps.toml
+    crashkernel: str = ""  # SIZE[@ADDR]: mode kdump with stage 1's crashkernel= (kdump.py); "": kexec -l
+    smp: int = 1  # QEMU -smp (testbench run --smp)
     expect: str | None = None
 
     @property
@@ -52,7 +62,17 @@ class Cell:
             parts.append(f"kexec-{Path(self.kexec).name.replace(':', '-')}")
         if self.memmap != "plain":
             parts.append(self.memmap)
+        if self.crashkernel:
+            parts.append(f"kdump{self.crashkernel.replace('@', 'at')}")
+        if self.smp != 1:
+            parts.append(f"smp{self.smp}")
         return "-".join(parts)
+
+    @property
+    def profile(self) -> tuple[str, ...]:
+        """What decides the stage-1 snapshot a cell restores (snapshot.py keys it by these and the files; the
+        crashkernel= reservation is in stage 1's command line)."""
+        return (self.machine, self.ram, self.memmap, self.crashkernel, str(self.smp))
 
     def to_dict(self) -> dict:
         return {axis: getattr(self, axis) for axis in AXES} | {"id": self.id, "expect": self.expect}
@@ -85,6 +105,11 @@ def load_matrix(path: Path | None = None, only: dict[str, list[str]] | None = No
             continue
         expect = next((rule["verdict"] for rule in data.get("expect", []) if _matches(rule, values)), None)
         cells.append(Cell(**values, expect=expect))
+    seen: set[str] = set()
+    for cell in cells:
+        if cell.id in seen:  # results, shards and the merge all key cells by id
+            raise UserError(f"matrix file {path}: two cells share the id {cell.id}")
+        seen.add(cell.id)
     return cells
 
 
@@ -94,11 +119,11 @@ def kexec_args_for(cell: Cell) -> list[str]:
         return []
     if cell.placement != "advised":
         return cell.placement.split()
-    from .inputs.images import kernel_path
+    from .inputs.images import kernel_path, loader_version
     from .inputs.memmap import get_memmap
     from .inputs.zimage import read_zimage
     from .machines import get_machine
-    from .oracle import DEFAULT_VERSION, advise
+    from .oracle import advise
 
     machine = get_machine(cell.machine)
     kernel = kernel_path(cell.kernel)
@@ -106,7 +131,7 @@ def kexec_args_for(cell: Cell) -> list[str]:
     advice = advise(
         read_zimage(kernel),
         ram,
-        DEFAULT_VERSION,
+        loader_version(cell.kexec),  # the cell's own loader: its release (or patched) rules
         initrd_size=parse_size(cell.initrd) + STAGE2_BASE,
         dtb_size=machine.dtb_size,
     )
@@ -116,22 +141,25 @@ def kexec_args_for(cell: Cell) -> list[str]:
 @dataclass(frozen=True)
 class RunMode:
     """How every cell runs. By default with the emulator's ground truth (a cell passes only when the
-    segments are intact at kernel entry and the oracle agrees) and from the stage-1 snapshots."""
+    segments are intact at kernel entry and the oracle agrees) and from the stage-1 snapshots; stage 2
+    hashes a sample of a large payload unless `full_hash` (payload_check.py)."""
 
     observe: bool = True
     until: str = "init"  # or "kernel-entry": layout verdicts only, no stage-2 boot
     snapshot: bool = True
+    full_hash: bool = False
 
     @classmethod
-    def from_flags(cls, no_observe: bool, until: str | None, no_snapshot: bool) -> "RunMode":
-        return cls(observe=not no_observe, until=until or "init", snapshot=not no_snapshot)
+    def from_flags(cls, no_observe: bool, until: str | None, no_snapshot: bool, full_hash: bool = False) -> "RunMode":
+        return cls(observe=not no_observe, until=until or "init", snapshot=not no_snapshot, full_hash=full_hash)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
-def run_command(cell: Cell, out: Path, mode: RunMode = RunMode()) -> list[str]:
+def run_argv(cell: Cell, out: Path, mode: RunMode = RunMode()) -> list[str]:
+    """The `testbench run` arguments of a cell (without the program name)."""
     args = [
-        sys.executable,
-        "-m",
-        "testbench.cli",
         "run",
         "--machine",
         cell.machine,
@@ -151,19 +179,34 @@ def run_command(cell: Cell, out: Path, mode: RunMode = RunMode()) -> list[str]:
         cell.memmap,
     ]
     args += [] if mode.observe else ["--no-observe"]
-    args += ["--no-snapshot"] if not mode.snapshot else []
+    args += [] if mode.snapshot else ["--no-snapshot"]
+    args += ["--full-hash"] if mode.full_hash else []
+    args += ["--mode", "kdump", "--crashkernel", cell.crashkernel] if cell.crashkernel else []
+    args += ["--smp", str(cell.smp)] if cell.smp != 1 else []
     extra = kexec_args_for(cell)
     return args + ([f"--kexec-args={' '.join(extra)}"] if extra else [])
 
 
-def profile_order(cells: list[Cell]) -> list[Cell]:
-    """Round-robin over stage-1 profiles (machine, RAM): the first cells of a run each boot and save a
-    different profile side by side, instead of the second worker waiting for the first one's snapshot."""
-    groups: dict[tuple[str, str], list[Cell]] = {}
-    for cell in cells:
-        groups.setdefault((cell.machine, cell.ram), []).append(cell)
-    rounds = itertools.zip_longest(*groups.values())
-    return [cell for round_ in rounds for cell in round_ if cell is not None]
+def run_command(cell: Cell, out: Path, mode: RunMode = RunMode()) -> list[str]:
+    """The same cell as a command line (repro and docs; the runner forks instead)."""
+    return [sys.executable, "-m", "testbench.cli", *run_argv(cell, out, mode)]
+
+
+def profile_order(cells: list[Cell], cost: Callable[[Cell], float] | None = None) -> list[Cell]:
+    """The order cells start in. First one cell of each stage-1 profile, so the cells that boot and save a
+    profile's snapshot run side by side instead of a second worker waiting for the first one's; then the
+    rest longest first, so no long cell starts last while the other workers idle. Without costs, round-robin
+    over the profiles."""
+    groups: dict[tuple[str, ...], list[Cell]] = {}
+    weight = cost or (lambda cell: 0.0)
+    for cell in sorted(cells, key=lambda c: -weight(c)) if cost else cells:
+        groups.setdefault(cell.profile, []).append(cell)
+    if cost is None:
+        rounds = itertools.zip_longest(*groups.values())
+        return [cell for round_ in rounds for cell in round_ if cell is not None]
+    firsts = sorted((group[0] for group in groups.values()), key=lambda c: -weight(c))
+    rest = sorted((cell for group in groups.values() for cell in group[1:]), key=lambda c: -weight(c))
+    return firsts + rest
 
 
 def _die_with_parent() -> None:
@@ -173,106 +216,150 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
-def run_cell(cell: Cell, out: Path, mode: RunMode = RunMode()) -> dict:
+def _cell_process(argv: list[str], log: str, env: dict[str, str], cwd: str) -> None:
+    """The body of a cell process: `testbench run ARGV` with stdout and stderr in the cell's runner.log, in
+    the caller's environment and directory as they are now (the server holds those of its own start)."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    _die_with_parent()  # the server forked us: if it goes (the matrix died), so do we, and our QEMU
+    from .cli import main
+
+    sys.exit(main(argv))
+
+
+_context_lock = threading.Lock()
+
+
+def _context():
+    with _context_lock:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)
+        return ctx
+
+
+class CellRunner:
+    """Runs cells as processes and can stop every running one (Ctrl-C, SIGTERM of the matrix)."""
+
+    def __init__(self) -> None:
+        self.live: set = set()
+        self.lock = threading.Lock()
+        self.stopping = False
+
+    def run(self, argv: list[str], log: Path) -> int:
+        process = _context().Process(
+            target=_cell_process, args=(argv, str(log), dict(os.environ), os.getcwd()), daemon=False
+        )
+        with self.lock:
+            if self.stopping:
+                return 130
+            process.start()
+            self.live.add(process)
+        try:
+            process.join()
+        finally:
+            with self.lock:
+                self.live.discard(process)
+        return process.exitcode if process.exitcode is not None else 2
+
+    def stop(self) -> None:
+        """SIGTERM every running cell (its runner stops its QEMU) and wait for them."""
+        with self.lock:
+            self.stopping = True
+            running = list(self.live)
+        for process in running:
+            process.terminate()
+        for process in running:
+            process.join(30)
+
+
+def run_cell(cell: Cell, out: Path, mode: RunMode = RunMode(), runner: CellRunner | None = None) -> dict:
     """Run one cell in its own process; returns its result.json (or an `error` record)."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
-        command = run_command(cell, out, mode)
+        argv = run_argv(cell, out, mode)
     except UserError as err:
-        return {"cell": cell.to_dict(), "verdict": "error", "phase": "boot1", "reasons": [str(err)]}
-    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=_die_with_parent)
+        return _finish(cell, {"verdict": "error", "phase": "boot1", "reasons": [str(err)]}, started)
+    log = out / RUNNER_LOG
+    code = (runner or CellRunner()).run(argv, log)
     result_path = out / "result.json"
     if result_path.exists():
         result = json.loads(result_path.read_text())
     else:
-        result = {
-            "verdict": "error",
-            "phase": "boot1",
-            "reasons": [done.stderr.strip()[-500:] or f"runner exited {done.returncode}"],
-        }
+        tail = log.read_text(errors="replace").strip()[-500:] if log.exists() else ""
+        result = {"verdict": "error", "phase": "boot1", "reasons": [tail or f"runner exited {code}"]}
+    return _finish(cell, result, started)
+
+
+def _finish(cell: Cell, result: dict, started: float) -> dict:
     result["cell"] = cell.to_dict()
     result["wall_seconds"] = round(time.monotonic() - started, 2)
     result["expected_ok"] = cell.expect is None or result["verdict"] == cell.expect
     return result
 
 
-def run_matrix(cells: list[Cell], out: Path, jobs: int, progress=None, mode: RunMode = RunMode()) -> list[dict]:
+def run_matrix(
+    cells: list[Cell],
+    out: Path,
+    jobs: int,
+    progress=None,
+    mode: RunMode = RunMode(),
+    cost: Callable[[Cell], float] | None = None,
+) -> list[dict]:
+    """Every cell, `jobs` at a time, into OUT/<cell id>; results in the matrix's order."""
     results: list[dict] = []
     started = time.monotonic()
+    runner = CellRunner()
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
-        futures = {pool.submit(run_cell, cell, out / cell.id, mode): cell for cell in profile_order(cells)}
+        futures = {
+            pool.submit(run_cell, cell, out / cell.id, mode, runner): cell for cell in profile_order(cells, cost)
+        }
         for future in as_completed(futures):
             results.append(future.result())
             if progress:
                 progress(len(results), len(cells), results[-1], time.monotonic() - started)
     except BaseException:
-        # Ctrl-C / SIGTERM: start no queued cell; the running ones die with us (their runners have
-        # PR_SET_PDEATHSIG, and each runner's QEMU dies with its runner).
+        # Ctrl-C / SIGTERM: start no queued cell and stop the running ones (each runner stops its QEMU).
         pool.shutdown(wait=False, cancel_futures=True)
+        runner.stop()
         raise
     pool.shutdown()
     order = {cell.id: i for i, cell in enumerate(cells)}
     return sorted(results, key=lambda r: order[r["cell"]["id"]])
 
 
-def _progress(done: int, total: int, result: dict, elapsed: float) -> None:
-    counts = f"{result['cell']['id']}: {result['verdict']}"
-    line = f"\r[{done}/{total}] {elapsed:6.0f}s  {counts:<70}"
-    end = "\n" if done == total or not sys.stderr.isatty() else ""
-    print(line if sys.stderr.isatty() else line.lstrip("\r"), end=end, file=sys.stderr, flush=True)
+def bench_version() -> str:
+    """The package version and a hash of its code and data: shards of one run agree on it, shards of two
+    checkouts do not (report merge refuses to mix them)."""
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        code = path.suffix == ".py" or "data" in path.relative_to(root).parts[:1]
+        # durations.toml only balances shards: storing new durations does not make another bench
+        if path.is_file() and code and "__pycache__" not in path.parts and path.name != "durations.toml":
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    try:
+        version = metadata.version("testbench")
+    except metadata.PackageNotFoundError:
+        version = "0"
+    return f"{version}+{digest.hexdigest()[:12]}"
 
 
-def cmd_matrix(args: argparse.Namespace) -> int:
-    from .inputs.images import load_images
-    from .report.html import write_matrix_report
+def identity(matrix: Path, only: dict[str, list[str]], mode: RunMode) -> dict:
+    """What must be the same for shards to be parts of one matrix run (report merge checks it)."""
+    from .inputs.lock import lock_path
 
-    load_images()  # a missing cache is one clear line here, not 54 errors
-    only = {axis: getattr(args, axis) for axis in ("machine", "ram", "initrd", "placement")}
-    cells = load_matrix(Path(args.config) if args.config else None, only)
-    out = Path(args.out) if args.out else Path("out") / f"matrix-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = args.jobs or max(1, (os.cpu_count() or 2))
-    print(f"[testbench] {len(cells)} cells, {jobs} at a time, into {out}", file=sys.stderr)
-    started = time.monotonic()
-    mode = RunMode.from_flags(args.no_observe, args.until, args.no_snapshot)
-    results = run_matrix(cells, out, jobs, _progress, mode)
-    wall = time.monotonic() - started
-    verdicts = {v: sum(r["verdict"] == v for r in results) for v in ("pass", "fail", "error")}
-    unexpected = [r["cell"]["id"] for r in results if not r["expected_ok"]]
-    summary = {
-        "cells": len(results),
-        "wall_seconds": round(wall, 1),
-        "mode": mode.__dict__,
-        "verdicts": verdicts,
-        "unexpected": unexpected,
+    lock = lock_path()
+    return {
+        "matrix": {"path": str(matrix), "sha256": sha256_file(matrix)},
+        "selection": {axis: sorted(values) for axis, values in only.items() if values},
+        "mode": mode.to_dict(),
+        "lock_sha256": sha256_file(lock) if lock.exists() else None,
+        "bench_version": bench_version(),
     }
-    (out / "results.json").write_text(json.dumps({"summary": summary, "results": results}, indent=2) + "\n")
-    write_matrix_report(out, results, summary)
-    print(f"{len(results)} cells in {wall:.0f}s: {verdicts}; unexpected verdicts: {len(unexpected)}")
-    for cell_id in unexpected:
-        print(f"  unexpected: {cell_id}")
-    print(f"report: {out / 'index.html'}")
-    return 1 if unexpected or verdicts["error"] else 0
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("matrix", help="run a matrix of cases and write an HTML report")
-    parser.add_argument("--config", help="matrix TOML (default images/matrix.toml)")
-    parser.add_argument("-n", "--jobs", type=int, help="cells at a time (default: the number of cores)")
-    parser.add_argument("--out", help="report dir (default out/matrix-<time>)")
-    for axis in ("machine", "ram", "initrd", "placement"):
-        parser.add_argument(f"--{axis}", action="append", help=f"only these {axis} values (repeatable)")
-    parser.add_argument(
-        "--until",
-        choices=UNTIL,
-        help="kernel-entry: layout verdicts from the ground truth, no stage-2 boot (default init)",
-    )
-    parser.add_argument(
-        "--no-observe",
-        action="store_true",
-        help="judge from the console alone, without the gdbstub stops and segment diffs",
-    )
-    parser.add_argument("--no-snapshot", action="store_true", help="boot stage 1 in every cell")
-    parser.set_defaults(func=cmd_matrix)

@@ -191,12 +191,16 @@ def _write_svg(path: str | None, pred, title: str) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from .crash_cli import analyze_crash, is_crash_log, print_crash
     from .inputs.attempts import split_attempts
     from .oracle.judge import Inputs, judge
 
     zi = _zimage(args.zimage, args)
     appended = ((zi.appended_dtb_size + 7) & ~7,) if zi is not None and zi.appended_dtb_size else ()
-    paste = split_attempts(_read_text(args.logfile), appended)
+    text = _read_text(args.logfile)
+    if is_crash_log(text):  # kexec -p: the crash oracle (crash_cli.py)
+        return print_crash(analyze_crash(text, zi, args.kernel_version, args.kexec_version), args.json)
+    paste = split_attempts(text, appended)
     n = len(paste.attempts)
     if args.attempt is not None and not 1 <= args.attempt <= n:
         raise UserError(f"--attempt {args.attempt}: {args.logfile} holds {n} attempt{'s' if n != 1 else ''} (1-{n})")
@@ -259,6 +263,8 @@ def cmd_advise(args: argparse.Namespace) -> int:
         dtb = dtb_default if dtb_default is not None else QEMU_DTB_SIZE
         notes.append(f"DTB size taken as {dtb:#x} (give --dtb-size for the real one)")
     initrd = _int(args.initrd_size, "--initrd-size") or None
+    if args.crash:  # the smallest crashkernel= reservation (crash_cli.py)
+        return _crash_advice(args, zi, ram[0], initrd, dtb or None)
     a = advise(
         zi,
         ram,
@@ -296,6 +302,21 @@ def cmd_advise(args: argparse.Namespace) -> int:
     return 0
 
 
+def _crash_advice(args: argparse.Namespace, zi, ram: tuple[int, int], initrd: int | None, dtb: int | None) -> int:
+    from .crash_cli import ALIGNED_BASE, crash_advise, print_crash_advice
+
+    start = _int(args.crash_base, "--crash-base")
+    if start is None:  # crashkernel=SIZE: any 128 MiB boundary gives the same answer
+        start = (ram[0] + ALIGNED_BASE) & -ALIGNED_BASE
+    if not ram[0] <= start < ram[1]:
+        raise UserError(f"--crash-base {start:#x} is not in RAM [{ram[0]:#x}, {ram[1]:#x})")
+    version = args.kernel_version or "6.1"
+    a = crash_advise(zi, ram, start, args.kexec_version, version, initrd, dtb)
+    if not args.kernel_version and not args.json:
+        print("assumption: the crash kernel is Linux >= 5.16 (give --kernel-version)")
+    return print_crash_advice(a, args.json, fixed_base=args.crash_base is not None)
+
+
 def register(subparsers) -> None:
     an = subparsers.add_parser("analyze", help="reconstruct a kexec load from its --debug log and judge it")
     an.add_argument("logfile", help="text holding `kexec --debug` output ('-' for stdin)")
@@ -330,4 +351,7 @@ def register(subparsers) -> None:
     ad.add_argument("--decompressor-elf", help="arch/arm/boot/compressed/vmlinux, for exact constants")
     ad.add_argument("--vmlinux", help="the kernel vmlinux, for exact TEXT_OFFSET and sizes")
     ad.add_argument("--json", action="store_true", help="print JSON")
+    ad.add_argument("--crash", action="store_true", help="kexec -p: the smallest crashkernel= size and --image-size")
+    ad.add_argument("--crash-base", help="with --crash: the reservation's start (crashkernel=SIZE@ADDR)")
+    ad.add_argument("--kernel-version", help="with --crash: the crash kernel's Linux version (5.16 changed it)")
     ad.set_defaults(func=cmd_advise)

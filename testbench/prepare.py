@@ -3,29 +3,41 @@ commands the bench will type in the stage-1 shell (`guest_commands`). Nothing he
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .datafiles import data_path
-from .emulator.qemu import SHARE_TAG, QemuSpec, qemu_binary
+from .emulator.qemu import QemuSpec, installed_qemu_version, qemu_binary
+from .emulator.share import GUEST_SHARE, mount_command, send_back, share_kind
 from .errors import BenchError, UserError
-from .fileio import sha256_file
+from .fileio import write_atomic
 from .inputs.checks import Input, Loader, check_dtb, check_kexec, describe, existing_file, loader_bundle
-from .inputs.images import Images
-from .inputs.initramfs import cached_stage2_initrd, stage1_initramfs
+from .inputs.dtb import DtbError, Editor, get_cells, subnodes
+from .inputs.images import Images, load_images, patched_family
+from .inputs.initramfs import cached_stage2_initrd, payload_bytes, share_initramfs, stage1_initramfs
 from .inputs.memmap import PLAIN, dump_qemu_dtb, get_memmap, stage1_dtb
 from .inputs.zimage import ZImage, read_zimage
 from .machines import Machine
+from .modes import CRASH_KERNEL_ARGS, CRASHKERNEL_DEFAULT, MODES
+from .oracle.placement import OPTION_CLASH, in_releases
+from .payload_check import FULL, PayloadCheck, expected_digest
+from .payload_check import choose as choose_payload_check
 from .verdict import UNTIL
 
-GUEST_SHARE = "/mnt"
+# What the stage-1 kernel and its modules take of RAM beside an initramfs share (measured: ~40 MiB in use at
+# the prompt on sabrelite with an empty share), with room for kexec itself.
+STAGE1_KERNEL_RAM = 64 << 20
+CPUS_FILE = "cpus.txt"  # stage 1's possible and online CPUs, written during the set-up
 # Beyond the kernel and the initrd, a case dir holds the loader bundle (~6 MiB), logs and dumps.
 OUT_DIR_SLACK = 32 << 20
+# What the second kernel skips because it is no part of the test: the crypto self-tests of every built-in
+# algorithm (1.3-1.8 s of the ~3 s from kernel entry to init under TCG, measured with initcall_debug).
+STAGE2_BOOT_ARGS = ("cryptomgr.notests",)
 
 
 @dataclass(frozen=True)
@@ -38,21 +50,42 @@ class CaseRequest:
     initrd_size: int = 1 << 20
     seed: int = 1
     dtb: Path | None = None  # None: the DTB the first kernel booted with (/sys/firmware/fdt)
-    kexec: Path | None = None  # None: Debian's kexec-tools
+    kexec: Path | None = None  # None: Debian's kexec-tools of `kexec_suite`
+    kexec_suite: str | None = None  # the Debian suite of that kexec-tools (None: stage 1's suite)
+    kernel_suite: str | None = None  # the Debian suite `kernel` comes from, when it is a Debian zImage
     kexec_args: tuple[str, ...] = ()
     gdb: bool = False  # a user's debugger will attach: no deadlines
     observe: bool = True  # stop at zImage and kernel entry via the gdbstub, dump and diff every segment
     snapshot: bool = True  # restore stage 1 from its saved state (snapshot.py) instead of booting it
     until: str = "init"  # "kernel-entry": a layout verdict from the ground truth alone, no stage-2 boot
     memmap: str = PLAIN  # a RAM map from images/memmaps.toml: holes stage 1's DTB gives kexec to work around
+    full_hash: bool = False  # stage 2 hashes the whole payload even when a sample would do (payload_check.py)
+    mode: str = "kexec"  # "kdump": kexec -p into stage 1's crashkernel= reservation, started by a panic
+    crashkernel: str = CRASHKERNEL_DEFAULT  # stage 1's crashkernel=SIZE[@ADDR] in mode kdump
 
     @property
     def observing(self) -> bool:
         return self.observe or self.until == "kernel-entry"
 
     @property
+    def payload_check(self) -> PayloadCheck:
+        if self.initrd is not None:
+            return FULL  # the user's initrd: the init is theirs, no payload check is asked of it
+        return choose_payload_check(self.observing, self.full_hash, self.initrd_size, self.seed)
+
+    @property
     def stage2_cmdline(self) -> str:
-        return " ".join([f"console={self.machine.console}", *self.machine.stage2_cmdline, "panic=-1"])
+        check = self.payload_check.cmdline_word
+        return " ".join(
+            [
+                f"console={self.machine.console}",
+                *self.machine.stage2_cmdline,
+                *STAGE2_BOOT_ARGS,
+                *([check] if check else []),
+                *(CRASH_KERNEL_ARGS if self.mode == "kdump" else ()),
+                "panic=-1",
+            ]
+        )
 
 
 @dataclass(frozen=True)
@@ -67,6 +100,7 @@ class PreparedCase:
     kexec_command: str
     image_set: dict  # Images.provenance(): the Debian suite, its lock and any drift from it
     kexec_family: str | None = None  # the oracle's rule family when a known patch decides it, else by version
+    bootargs_in_dtb: bool = False  # the loader cannot take --command-line: /chosen/bootargs carries it
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -88,7 +122,9 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
         raise UserError(f"--until {request.until}: choose one of {', '.join(UNTIL)}")
     kernel = existing_file(request.kernel or images.zimage, "kernel")
     zimage = read_zimage(kernel)
-    loader = check_kexec(request.kexec) if request.kexec else Loader(images.kexec, True, None)
+    # Debian's loader may come from another suite than stage 1: its binary and library closure both do.
+    loader_images = images if request.kexec_suite in (None, images.suite) else load_images(request.kexec_suite)
+    loader = check_kexec(request.kexec) if request.kexec else Loader(loader_images.kexec, True, None)
     if request.initrd is not None:
         initrd_bytes = existing_file(request.initrd, "initrd").stat().st_size
     else:
@@ -118,7 +154,8 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
     shutil.rmtree(share, ignore_errors=True)
     (share / "loader").mkdir(parents=True)
     _link_or_copy(kernel, share / "zImage")
-    inputs = {"kernel": describe("kernel", kernel, _version_of(images, kernel, images.kernel_package))}
+    kernel_images = images if request.kernel_suite in (None, images.suite) else load_images(request.kernel_suite)
+    inputs = {"kernel": describe("kernel", kernel, _version_of(kernel_images, kernel, kernel_images.kernel_package))}
     payload_sha = None
     if request.initrd is not None:
         _link_or_copy(request.initrd, share / "initrd.img")
@@ -126,7 +163,13 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
     else:
         built = cached_stage2_initrd(images, request.initrd_size, request.seed)
         _link_or_copy(built.path, share / "initrd.img")
-        payload_sha = built.payload_sha256
+        payload_sha = expected_digest(
+            request.payload_check,
+            lambda: payload_bytes(request.initrd_size, request.seed),
+            built.payload_sha256,
+            request.initrd_size,
+            built.path.parent,
+        )
         inputs["initrd"] = replace(
             describe("initrd", share / "initrd.img"),
             version=f"stage2 payload {built.payload_size} bytes, seed {built.seed}",
@@ -134,18 +177,36 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
     if dtb is not None:
         _link_or_copy(dtb, share / "board.dtb")
         inputs["dtb"] = describe("dtb", dtb)
-    bundle = loader_bundle(images)
+    bundle = loader_bundle(loader_images)
     for lib in (bundle / "lib").iterdir():
         (share / "loader" / "lib").mkdir(exist_ok=True)
         _link_or_copy(lib, share / "loader" / "lib" / lib.name)
     _link_or_copy(loader.binary, share / "loader" / "kexec")
-    kexec_version = images.package("kexec-tools").version if request.kexec is None else _built_version(loader.binary)
+    kexec_version = (
+        loader_images.package("kexec-tools").version if request.kexec is None else _built_version(loader.binary)
+    )
+    bootargs_in_dtb = request.kexec is None and in_releases(kexec_version, OPTION_CLASH)
     inputs["kexec"] = describe("kexec", loader.binary, kexec_version)
 
     stage1_initrd = stage1_initramfs(images)
+    transport = m.transport(installed_qemu_version())
+    if share_kind(transport).in_initramfs:
+        if bootargs_in_dtb:
+            raise UserError(
+                f"{m.name}: kexec-tools {kexec_version} takes no --command-line here and the share travels in "
+                "the initramfs, so the bench cannot put the command line into the DTB the guest loads"
+            )
+        stage1_initrd = _initramfs_share(images, stage1_initrd, share, request.ram)
     board_dtb = m.board_dtb(images.dtb_dir)
     if board_dtb is not None and not board_dtb.exists():
         raise BenchError(f"{m.name}: DTB {board_dtb.name} is not in the kernel package")
+    cpu_words = _nr_cpus(m, board_dtb)
+    share_words: list[str] = []
+    if transport == "virtio-9p-pci":  # the board's PCIe as QEMU models it (machines.toml pci_*)
+        share_words = list(m.pci_stage1_cmdline)
+        if m.pci_intx is not None and board_dtb is not None:
+            board_dtb = _pci_intx_dtb(images.root, board_dtb, *m.pci_intx)
+            inputs["stage1_dtb"] = replace(describe("stage1_dtb", board_dtb), version="PCIe INTx as QEMU wires it")
     if memmap.no_map:
         board = board_dtb.read_bytes() if board_dtb else dump_qemu_dtb(qemu_binary(), m, request.ram)
         board_dtb = stage1_dtb(images.root, board, memmap, m.ram_base)
@@ -155,9 +216,10 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
         ram=request.ram,
         kernel=images.zimage,
         initrd=stage1_initrd,
-        append=" ".join([f"console={m.console}", *m.stage1_cmdline]),
+        append=" ".join([f"console={m.console}", *m.stage1_cmdline, *cpu_words, *share_words, *_crash_words(request)]),
         dtb=board_dtb,
         share=share,
+        transport=transport,
     )
     inputs["stage1_kernel"] = describe("stage1_kernel", images.zimage, images.package(images.kernel_package).version)
     run_kexec = f"{GUEST_SHARE}/loader/kexec"
@@ -166,11 +228,14 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
         run_kexec = f"{libdir}/ld-linux-armhf.so.3 --library-path {libdir} {run_kexec}"
     load_args = [
         "--debug",
-        "-l",
+        "-p" if request.mode == "kdump" else "-l",
         f"{GUEST_SHARE}/zImage",
         f"--initrd={GUEST_SHARE}/initrd.img",
         f"--dtb={GUEST_SHARE}/board.dtb",
-        f"--command-line={request.stage2_cmdline}",
+        # kexec-tools 2.0.17-2.0.20 cannot take --command-line on ARM (DOMAIN 9.2): the bench writes the
+        # stage-2 command line into the DTB's /chosen instead (put_bootargs_in_dtb), as users of those
+        # releases must
+        *([] if bootargs_in_dtb else [f"--command-line={request.stage2_cmdline}"]),
         *request.kexec_args,
     ]
     return PreparedCase(
@@ -184,22 +249,81 @@ def prepare_case(request: CaseRequest, images: Images) -> PreparedCase:
         payload_sha256=payload_sha,
         kexec_command=f"{run_kexec} {shlex.join(load_args)}",
         kexec_family=patched_family(loader.binary),
+        bootargs_in_dtb=bootargs_in_dtb,
     )
 
 
-def patched_family(binary: Path) -> str | None:
-    """The rule family of a loader scripts/build-kexec built with a patch from data/kexec-patches."""
+def _crash_words(request: CaseRequest) -> list[str]:
+    """Stage 1's crashkernel= word in mode kdump (it is part of the stage-1 snapshot's key, the append)."""
+    if request.mode not in MODES:
+        raise UserError(f"--mode {request.mode}: choose one of {', '.join(MODES)}")
+    if request.mode != "kdump":
+        return []
+    if request.until != "init":
+        raise UserError("--until kernel-entry is for kexec -l cases; a kdump case is judged by the crash kernel")
+    if not re.fullmatch(r"\d+[KMG]?(@(0x[0-9a-fA-F]+|\d+[KMG]?))?", request.crashkernel):
+        raise UserError(f"--crashkernel {request.crashkernel}: expected SIZE[@ADDR], e.g. 64M or 64M@0x50000000")
+    return [f"crashkernel={request.crashkernel}"]
+
+
+def put_bootargs_in_dtb(case: PreparedCase) -> None:
+    """The stage-2 command line into the share's board.dtb /chosen/bootargs (after stage 1 copied it there),
+    for a loader that cannot take --command-line."""
+    path = case.share / "board.dtb"
     try:
-        meta = json.loads((binary.parent / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-    known = tomllib.loads(data_path("kexec-patches", "families.toml").read_text())
-    for patch in meta.get("patches") or []:
-        entry = known.get(patch.get("name"))
-        packaged = data_path("kexec-patches", str(patch.get("name")))
-        if entry and packaged.is_file() and sha256_file(packaged) == patch.get("sha256"):
-            return str(entry["family"])
-    return None
+        tree = Editor(path.read_bytes())
+        tree.set_string("/chosen", "bootargs", case.request.stage2_cmdline)
+        path.write_bytes(bytes(tree))
+    except (OSError, DtbError) as err:
+        raise BenchError(f"cannot write the command line into {path}: {err}") from None
+
+
+def _nr_cpus(m: Machine, board_dtb: Path | None) -> list[str]:
+    """`nr_cpus=N` when QEMU runs fewer CPUs than the board's DTB lists on a board that cannot take a CPU
+    offline: the kernel counts the absent ones as possible and refuses every kexec_load (EINVAL). With as
+    many CPUs as the DTB lists, the refusal is the board's own and the case shows it (verdict `load`)."""
+    if m.cpu_hotplug or board_dtb is None:  # QEMU's own DTB lists exactly -smp CPUs
+        return []
+    listed = [n for n in subnodes(board_dtb.read_bytes(), "/cpus") if n.startswith("cpu@")]
+    return [f"nr_cpus={m.smp}"] if m.smp < len(listed) else []
+
+
+def _pci_intx_dtb(cache_root: Path, board_dtb: Path, node: str, spis: tuple[int, ...]) -> Path:
+    """The board DTB with the PCIe host's INTA..INTD routed to the GIC SPIs QEMU wires them to (cached by
+    content). interrupt-map entries: 3 address cells and the pin, the parent's phandle, then its 3 cells
+    (0, SPI, flags)."""
+    data = board_dtb.read_bytes()
+    words = get_cells(data, node, "interrupt-map") or []
+    if not words or len(words) % 8:
+        raise BenchError(f"{board_dtb.name}: {node} has no interrupt-map of 8-cell entries to rewire")
+    for entry in range(0, len(words), 8):
+        words[entry + 6] = spis[words[entry + 3] - 1]  # the pin is 1-based: INTA = 1
+    tree = Editor(data)
+    tree.set_cells(node, "interrupt-map", *((w, 1) for w in words))
+    fixed = bytes(tree)
+    target = cache_root / "dtb" / f"pci-intx-{hashlib.sha256(fixed).hexdigest()[:20]}.dtb"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(target, fixed)
+    return target
+
+
+def _initramfs_share(images: Images, stage1: Path, share: Path, ram: int) -> Path:
+    """The share's files appended to the stage-1 initramfs (the `initramfs` transport, emulator/share.py).
+    They live in stage 1's RAM: the archive, its unpacked copy until the archive is freed, then kexec's
+    own copy of the initrd (its buffer and the kernel's segment) beside the unpacked files."""
+    files = {str(p.relative_to(share)): p for p in sorted(share.rglob("*")) if p.is_file()}
+    image = share_initramfs(images, stage1, files)
+    size = image.stat().st_size
+    initrd = files["initrd.img"].stat().st_size
+    need = max(2 * size, size + 2 * initrd) + STAGE1_KERNEL_RAM
+    if need > ram:
+        raise UserError(
+            f"{ram >> 20} MiB of RAM cannot hold this case's share in the stage-1 initramfs (the board has no "
+            f"virtio): {size >> 20} MiB unpacked, beside its archive and then beside kexec's two copies of the "
+            f"initrd, need about {need >> 20} MiB; give --ram {1 << (need - 1).bit_length() >> 20}M"
+        )
+    return image
 
 
 def _built_version(binary: Path) -> str | None:
@@ -219,19 +343,28 @@ def _version_of(images: Images, path: Path, package: str) -> str | None:
 
 def guest_commands(case: PreparedCase) -> list[str]:
     """What the bench types in the stage-1 shell, in order (also written to the share as autorun.sh)."""
-    # cache=mmap: kexec-tools mmaps the initrd, and without a page cache every 4 KiB fault is its own 9p
-    # read (a 100 MB initrd took 13 s to load instead of 2.5 s). Plain reads and writes stay uncached, so
-    # what the guest writes to the share is on the host when the command returns.
-    mount = f"mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=mmap {SHARE_TAG} {GUEST_SHARE}"
+    kind = case.stage1.share_transport
+    mount = mount_command(kind)
     save_dtb = [] if case.request.dtb else [f"cp /sys/firmware/fdt {GUEST_SHARE}/board.dtb"]
     run_kexec = case.kexec_command.split(" --debug")[0]
+    cpus = "/sys/devices/system/cpu"
     # One round trip for the set-up: each command costs a console exchange with a TCG guest.
     # repro.sh's stage-1 init has mounted the share already before it runs these as autorun.sh.
-    mount = f"{{ mountpoint -q {GUEST_SHARE} || {mount}; }}"
-    setup = " && ".join([mount, f"cat /proc/iomem > {GUEST_SHARE}/iomem.txt", *save_dtb])
-    return [
-        setup,
-        f"{run_kexec} --version",
-        f"{case.kexec_command} > {GUEST_SHARE}/kexec-debug.txt 2>&1",
-        f"{run_kexec} -e",
-    ]
+    setup = " && ".join(
+        [
+            # not `mountpoint`: Debian's busybox-static lacks it, and repro.sh's init has mounted it already
+            *([f"{{ grep -q ' {GUEST_SHARE} ' /proc/mounts || {mount}; }}"] if mount else []),
+            f"cat /proc/iomem > {GUEST_SHARE}/iomem.txt",
+            # the CPUs stage 1 has, for a kexec_load refused because one cannot go offline (cpus.py)
+            f"echo possible $(cat {cpus}/possible) online $(cat {cpus}/online) > {GUEST_SHARE}/{CPUS_FILE}",
+            *save_dtb,
+            *send_back(kind, "iomem.txt", CPUS_FILE, *(["board.dtb"] if save_dtb else [])),
+        ]
+    )
+    load = f"{case.kexec_command} > {GUEST_SHARE}/kexec-debug.txt 2>&1"
+    back = send_back(kind, "kexec-debug.txt")
+    if back:  # the share is read only for the host: kexec's output comes back over the console, $? kept
+        load = f"{load}; tb_rc=$?; {back[0]}; (exit $tb_rc)"
+    # kdump: the crash kernel starts from a panic (sysrq takes writes to the trigger whatever its mask says)
+    start = "echo c > /proc/sysrq-trigger" if case.request.mode == "kdump" else f"{run_kexec} -e"
+    return [setup, f"{run_kexec} --version", load, start]

@@ -4,7 +4,8 @@ A test that takes the `tb_cell` argument is parametrised over the matrix (`--tb-
 axis options); the `tb_result` fixture runs that cell in its own `testbench run` process and returns its
 result.json. Every cell records its inputs (names, versions, sha256), QEMU version, verdict and phase as
 JUnit properties, and a failing cell names its artifact dir. Cells run in separate processes with their
-own dirs and unix sockets, so `pytest -n auto` is safe.
+own dirs and unix sockets, so `pytest -n auto` is safe. `--tb-shard K/N` keeps the cells of one shard, the
+same split as `testbench matrix --shard K/N` (shard.py): one mechanism for both.
 """
 
 import os
@@ -14,6 +15,7 @@ import pytest
 
 from .datafiles import data_path
 from .matrix import Cell, RunMode, load_matrix, run_cell
+from .shard import load_durations, parse_shard, select
 from .verdict import UNTIL
 
 AXIS_OPTIONS = {
@@ -24,6 +26,7 @@ AXIS_OPTIONS = {
     "kernel": "--tb-kernel",
     "kexec": "--tb-kexec",
     "memmap": "--tb-memmap",
+    "smp": "--tb-smp",
 }
 CI_MATRIX = data_path("matrix-ci.toml")
 
@@ -41,6 +44,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--tb-no-observe", action="store_true", help="no gdbstub stops and segment diffs")
     group.addoption("--tb-no-snapshot", action="store_true", help="boot stage 1 in every cell")
+    group.addoption("--tb-full-hash", action="store_true", help="stage 2 hashes every payload in full")
+    group.addoption(
+        "--tb-shard",
+        metavar="K/N",
+        help="only shard K of N of the cells: the split `testbench matrix --shard` makes (shard.py)",
+    )
+    group.addoption(
+        "--tb-durations", metavar="FILE", help="durations the shards balance (default images/durations.toml)"
+    )
     group.addoption(
         "--tb-kexec-args",
         action="append",
@@ -53,7 +65,12 @@ def _cells(config: pytest.Config) -> list[Cell]:
     if config.getoption("--tb-kexec-args"):
         only["placement"] = (only.get("placement") or []) + config.getoption("--tb-kexec-args")
     path = config.getoption("--tb-matrix")
-    return load_matrix(Path(path) if path else CI_MATRIX, only)
+    cells = load_matrix(Path(path) if path else CI_MATRIX, only)
+    shard = config.getoption("--tb-shard")
+    if shard:
+        durations = config.getoption("--tb-durations")
+        cells = select(cells, parse_shard(shard), load_durations(Path(durations) if durations else None))
+    return cells
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -69,7 +86,10 @@ def tb_result(tb_cell: Cell, request: pytest.FixtureRequest, tmp_path: Path, rec
     request.node.tb_artifacts = out
     config = request.config
     mode = RunMode.from_flags(
-        config.getoption("--tb-no-observe"), config.getoption("--tb-until"), config.getoption("--tb-no-snapshot")
+        config.getoption("--tb-no-observe"),
+        config.getoption("--tb-until"),
+        config.getoption("--tb-no-snapshot"),
+        config.getoption("--tb-full-hash"),
     )
     result = run_cell(tb_cell, out, mode)
     inputs = dict(result.get("inputs") or {})

@@ -65,6 +65,10 @@ class ReplayRequest:
     until: str | None = None  # None: init with a generated initrd, kernel-entry otherwise
     decompress_deadline: float | None = None  # seconds before the factor; None: STOP_DEADLINES
     halt_check: bool = True  # False: wait out the deadline even when the CPU is halted for good
+    # /memory starts here instead of at the board's RAM base: RAM off a 128 MiB boundary (kernel_address's
+    # fallback, Linux >= 5.12) or a board whose first RAM is reserved; QEMU's RAM below it stays unused
+    memory_start: int | None = None
+    kernel_version: str | None = None  # of the zImage, when known (it decides the kernel_address fallback)
 
     @property
     def bootargs(self) -> str:
@@ -101,9 +105,11 @@ def _patch_dtb(path: Path, initrd: tuple[int, int] | None, bootargs: str, ram: t
         if ram is not None:
             acells, scells = tree.cells("/", "#address-cells"), tree.cells("/", "#size-cells")
             nodes = [n for n in dtb.subnodes(data, "/") if n == "memory" or n.startswith("memory@")]
-            if len(nodes) != 1 or acells not in (1, 2):
-                raise UserError(f"{path}: expected one /memory node and #address-cells 1 or 2, found {nodes}, {acells}")
+            if not nodes or acells not in (1, 2):
+                raise UserError(f"{path}: expected a /memory node and #address-cells 1 or 2, found {nodes}, {acells}")
             tree.set_cells(f"/{nodes[0]}", "reg", (ram[0], acells), (ram[1], scells))
+            for other in nodes[1:]:  # ecx-2000's second bank: QEMU keeps one /memory, so does the replay
+                tree.set_string(f"/{other}", "status", "disabled")
         path.write_bytes(bytes(tree))
     except dtb.DtbError as err:
         raise UserError(f"{path}: cannot edit it as a device tree ({err})") from None
@@ -185,7 +191,7 @@ def _inputs(files: dict[str, Path]) -> dict:
 def replay(request: ReplayRequest) -> dict:
     """Load, stop, diff and judge one placement; the result as result.json has it (also written there)."""
     m, ram, out = request.machine, request.ram, request.out
-    ram_range = (m.ram_base, m.ram_base + ram)
+    ram_range = (request.memory_start or m.ram_base, m.ram_base + ram)
     out.mkdir(parents=True, exist_ok=True)
     zimage = read_zimage(request.kernel)
     initrd, built = _initrd(request)
@@ -193,8 +199,15 @@ def replay(request: ReplayRequest) -> dict:
     bootargs = request.bootargs
     dtb = out / "replay.dtb"
     shutil.copyfile(request.dtb or _board_dtb(m, ram, out), dtb)
-    initrd_span = (request.initrd_at, initrd.stat().st_size) if initrd is not None and request.initrd_at else None
-    _patch_dtb(dtb, initrd_span, bootargs, None if m.qemu_generates_dtb or request.dtb else (m.ram_base, ram))
+    initrd_span = None  # `is not None`: on a board with RAM at 0x0 an initrd may sit at address 0
+    if initrd is not None and request.initrd_at is not None:
+        initrd_span = (request.initrd_at, initrd.stat().st_size)
+    memory: tuple[int, int] | None
+    if request.memory_start is not None:
+        memory = (ram_range[0], ram_range[1] - ram_range[0])
+    else:
+        memory = None if m.qemu_generates_dtb or request.dtb else (m.ram_base, ram)
+    _patch_dtb(dtb, initrd_span, bootargs, memory)
     fdt_sha256 = hashlib.sha256(dtb.read_bytes()).hexdigest()
     placed = {"kernel": (request.kernel_at, zimage.size), "dtb": (request.dtb_at, dtb.stat().st_size)}
     if initrd_span:
@@ -220,7 +233,7 @@ def replay(request: ReplayRequest) -> dict:
         decompressor_copy=None,
         format="replay",
     )
-    prediction = analyze(log, zimage=zimage)
+    prediction = analyze(log, zimage=zimage, memory=(ram_range,), kernel_version=request.kernel_version)
     plan = make_plan(log, zimage, ram_range, prediction, files, bootargs)
     # Without -kernel, QEMU's virt puts its own DTB as a ROM blob at RAM base (machine data `dtb_rom`), and a
     # loader image overlapping it makes QEMU refuse to start. Such files are written over the gdbstub

@@ -86,9 +86,17 @@ def request_from_args(args: argparse.Namespace) -> ReplayRequest:
     ram = parse_size(args.ram, "--ram") if args.ram else m.default_ram
     m.check_ram(ram)
     out = Path(args.out or f"out/replay-{m.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    from .inputs.images import kernel_path
+    from .inputs.images import kernel_path, load_images
 
-    kernel = kernel_path(args.kernel) if args.kernel in (None, "debian") else _file(args.kernel, "kernel")
+    debian = args.kernel in (None, "debian")
+    kernel = kernel_path(args.kernel) if debian else _file(args.kernel, "kernel")
+    memory_start = None
+    if getattr(args, "memory_start", None):
+        memory_start = _address(args.memory_start, m.ram_base, "--memory-start")
+        if not m.ram_base <= memory_start < m.ram_base + ram - (128 << 20):
+            raise UserError(
+                f"--memory-start {memory_start:#x}: must lie in {m.name}'s RAM and leave at least 128M above it"
+            )
     kernel_at, initrd_at, dtb_at, log_initrd_size = _addresses(args, m)
     size = getattr(args, "initrd_size", None)
     if args.initrd is not None and size:
@@ -120,6 +128,8 @@ def request_from_args(args: argparse.Namespace) -> ReplayRequest:
         until=getattr(args, "until", None),
         decompress_deadline=deadline,
         halt_check=not getattr(args, "no_halt_check", False),
+        memory_start=memory_start,
+        kernel_version=load_images().package(load_images().kernel_package).version if debian else None,
     )
 
 
@@ -157,6 +167,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--kernel-at", help="zImage address: 0x... absolute or +offset from RAM base")
     p.add_argument("--initrd-at", help="initrd address")
     p.add_argument("--dtb-at", help="DTB address")
+    p.add_argument(
+        "--memory-start",
+        help="the DTB's /memory starts here (absolute or +offset), e.g. +0xC000000 for RAM off a 128 MiB boundary",
+    )
     p.add_argument("--from-log", help="take the addresses from a kexec --debug log, relative to its RAM base")
     p.add_argument(
         "--attempt",

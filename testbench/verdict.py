@@ -12,9 +12,11 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 
+from .cpus import handoff_cpu_reasons, smp_sign_reasons, stage2_cpu_problems
 from .observe.observation import Observation
 from .oracle import Collision, Prediction
 from .oracle.placement_check import PlacementCheck
+from .payload_check import parse_spec
 
 # How far a case (or a replay) goes: to stage 2's init, or to the kernel entry (a layout verdict only).
 UNTIL = ("init", "kernel-entry")
@@ -67,8 +69,13 @@ class Stage2:
     cmdline: str
     iomem_ram: tuple[str, ...]
     fdt_sha256: str
-    payload_sha256: str
+    payload_sha256: str  # the digest `payload_check` names (payload_check.py): the whole file or a sample
     payload_size: int | None
+    payload_check: str = "full"
+    uptime: float | None = None  # the second kernel's /proc/uptime when its init started...
+    uptime_end: float | None = None  # ...and when it printed the marker
+    cpus_online: str | None = None  # the CPUs it brought up, as /sys/devices/system/cpu/online lists them
+    cpus_possible: str | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -77,6 +84,11 @@ class Stage2:
             "fdt_sha256": self.fdt_sha256,
             "payload_sha256": self.payload_sha256,
             "payload_size": self.payload_size,
+            "payload_check": self.payload_check,
+            "uptime": self.uptime,
+            "uptime_end": self.uptime_end,
+            "cpus_online": self.cpus_online,
+            "cpus_possible": self.cpus_possible,
         }
 
 
@@ -104,7 +116,16 @@ def parse_stage2(text: str) -> Stage2 | None:
         fdt_sha256=data.get("fdt_sha256", ""),
         payload_sha256=data.get("payload_sha256", ""),
         payload_size=data.get("payload_size"),
+        payload_check=data.get("payload_check") or "full",
+        uptime=_number(data.get("uptime")),
+        uptime_end=_number(data.get("uptime_end")),
+        cpus_online=data.get("cpus_online") or None,
+        cpus_possible=data.get("cpus_possible") or None,
     )
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def phase_reached(after_exec: str) -> str:
@@ -130,23 +151,26 @@ def judge_stage2(
     expected_payload_sha256: str | None,
     ended_by: str,
     expected_fdt_sha256: str | None = None,
+    expected_cpus: int | None = None,
 ) -> Verdict:
     """Judge the console text that followed `kexec -e`.
 
     `ended_by` says why we stopped reading: "marker", "exit" (QEMU exited: panic=-1 with -no-reboot, or
     poweroff), "silence" (nothing new for the silence window) or "timeout". `expected_fdt_sha256`, when the
-    bench knows the exact DTB bytes it handed over (replay), must match /sys/firmware/fdt in stage 2.
+    bench knows the exact DTB bytes it handed over (replay), must match /sys/firmware/fdt in stage 2;
+    `expected_cpus` (the case's --smp) is how many CPUs stage 2 must have online.
     """
     stage2 = parse_stage2(after_exec)
     phase = phase_reached(after_exec)
-    reasons = signature_reasons(after_exec)
+    reasons = signature_reasons(after_exec) + smp_sign_reasons(after_exec)
     if stage2 is not None:
         problems = []
         if stage2.cmdline.strip() != expected_cmdline.strip():
             problems.append(f"command line differs: got {stage2.cmdline!r}, requested {expected_cmdline!r}")
         if expected_payload_sha256 is not None and stage2.payload_sha256 != expected_payload_sha256:
+            check = parse_spec(stage2.payload_check)
             problems.append(
-                f"initrd payload sha256 {stage2.payload_sha256 or 'missing'} != "
+                f"initrd payload ({check.describe()}) {stage2.payload_sha256 or 'missing'} != "
                 f"host {expected_payload_sha256}: the payload the second kernel sees is not the one loaded"
             )
         if expected_fdt_sha256 is not None and stage2.fdt_sha256 != expected_fdt_sha256:
@@ -154,10 +178,14 @@ def judge_stage2(
                 f"DTB sha256 {stage2.fdt_sha256 or 'missing'} != {expected_fdt_sha256} of the DTB "
                 "loaded: the DTB the second kernel sees is not the one handed over"
             )
+        if expected_cpus is not None:
+            problems += stage2_cpu_problems(stage2.cpus_online, stage2.cpus_possible, expected_cpus)
         if problems:
             return Verdict("fail", "init", tuple(problems + reasons))
         dtb = ", DTB" if expected_fdt_sha256 is not None else ""
         return Verdict("pass", "init", (f"stage-2 init reached; initrd payload{dtb} and command line intact",))
+    if phase == "handoff":
+        reasons += handoff_cpu_reasons(after_exec)
     if not reasons:
         if phase == "handoff" and "Bye!" in after_exec:
             reasons.append(

@@ -9,6 +9,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, overload
@@ -44,7 +45,21 @@ class Match:
 
 
 class Console:
-    def __init__(self, sock_path: Path, log_path: Path, debugger_attached: bool = False):
+    def __init__(
+        self,
+        sock_path: Path,
+        log_path: Path,
+        debugger_attached: bool = False,
+        files_dir: Path | None = None,
+        halt_lines: tuple[str, ...] = (),
+        on_halt: Callable[[], None] | None = None,
+    ):
+        # Where files the guest sends back over this console land (guest.Shell decodes them; share.py)
+        self.files_dir = files_dir
+        # A board that can neither reset nor power off prints one of `halt_lines` and stays: `on_halt` ends
+        # QEMU then, so a wait sees the console close as it would after a poweroff (machines.toml halt_lines)
+        self._halt_lines, self._on_halt = halt_lines, on_halt
+        self._halt_from = 0  # where the next search for a halt line starts
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.connect(str(sock_path))
         self._log = log_path.open("wb", buffering=0)  # one run per case dir: a rerun replaces the log
@@ -73,6 +88,20 @@ class Console:
                 self.last_data_at = time.monotonic()
                 self._text += data.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "")
                 self._cond.notify_all()
+                halted = self._halted()
+            if halted and self._on_halt is not None:
+                self._on_halt()
+
+    def _halted(self) -> bool:
+        """A halt line arrived (called with the lock held; true once)."""
+        if not self._halt_lines or self._halt_from < 0:
+            return False
+        window = self._text[self._halt_from :]
+        if any(line in window for line in self._halt_lines):
+            self._halt_from = -1
+            return True
+        self._halt_from = max(0, len(self._text) - max(map(len, self._halt_lines)))
+        return False
 
     @property
     def text(self) -> str:

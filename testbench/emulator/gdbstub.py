@@ -7,6 +7,9 @@ Protocol facts learned against QEMU 7.2 (DOMAIN.md 8.4):
   * `p`/`P` (one register) answer empty until the client has read the target description
     (`qXfer:features:read:target.xml`), so `connect()` reads it; it also names SCTLR and CPSR.
   * A breakpoint must be removed before continuing from it, or the CPU stops again at once.
+  * With -smp N every vCPU is a thread (ids 1..N). Breakpoints apply to all of them; a stop reply names
+    the thread that stopped (`T05thread:01;`) and `g`/`p`/`m` read the thread chosen with `Hg`, so each
+    stop selects its thread before reading registers, and a single step moves that thread alone (vCont).
 """
 
 from __future__ import annotations
@@ -108,6 +111,7 @@ class Stop:
     pc: int
     regs: tuple[int, ...]  # r0-r15
     at: float  # monotonic time the stop reply arrived
+    thread: int | None = None  # the vCPU (gdb thread id, 1-based) that stopped, when the reply names it
 
 
 class GdbStub:
@@ -234,6 +238,19 @@ class GdbStub:
         return names
 
     # --- registers and memory --------------------------------------------------------------------------
+    def select(self, thread: int) -> None:
+        """Registers and memory are read from this vCPU from now on (QEMU's g_cpu)."""
+        self.ok(f"Hg{thread:x}".encode())
+
+    def threads(self) -> list[int]:
+        """The vCPUs, as gdb thread ids."""
+        found: list[int] = []
+        reply = self.command(b"qfThreadInfo")
+        while reply.startswith(b"m"):
+            found += [int(t, 16) for t in reply[1:].decode().split(",") if t]
+            reply = self.command(b"qsThreadInfo")
+        return found
+
     def registers(self) -> tuple[int, ...]:
         reply = self.command(b"g").decode()
         if len(reply) < 16 * 8 or reply.startswith("E"):
@@ -288,9 +305,10 @@ class GdbStub:
     def remove_hw_break(self, address: int) -> None:
         self.ok(f"z1,{address:x},4".encode())
 
-    def step(self, timeout: float | None = None) -> Stop | None:
-        """Execute one instruction (QEMU steps with interrupts and timers masked) and return its stop."""
-        self._send_raw(frame(b"s"))
+    def step(self, timeout: float | None = None, thread: int | None = None) -> Stop | None:
+        """Execute one instruction (QEMU steps with interrupts and timers masked) and return its stop; with
+        `thread`, that vCPU alone moves (the others stay stopped)."""
+        self._send_raw(frame(b"s" if thread is None else f"vCont;s:{thread:x}".encode()))
         return self.wait_stop(budget("gdb_step") if timeout is None else timeout)
 
     def cont(self) -> None:
@@ -306,15 +324,26 @@ class GdbStub:
                 return None
             if reply[:1] in (b"T", b"S"):
                 at = time.monotonic()
+                found = re.search(rb"thread:(?:p[0-9a-f]+\.)?([0-9a-f]+);", reply)
+                thread = int(found.group(1), 16) if found else None
+                if thread is not None:
+                    self.select(thread)
                 regs = self.registers()
-                return Stop(int(reply[1:3], 16), regs[15], regs, at)
+                return Stop(int(reply[1:3], 16), regs[15], regs, at, thread)
             if reply[:1] in (b"W", b"X"):
                 raise GdbError(f"the VM ended while we waited for a breakpoint ({reply.decode()})")
             # O (console output) packets and the like: keep waiting
 
-    def interrupt(self, timeout: float | None = None) -> Stop | None:
+    def interrupt(self, timeout: float | None = None, thread: int | None = None) -> Stop | None:
+        """Stop the VM; with `thread`, the returned stop holds that vCPU's registers (the stop reply of an
+        interrupt may name another vCPU than the one the caller follows)."""
         self._send_raw(INTERRUPT)
-        return self.wait_stop(budget("gdb_step") if timeout is None else timeout)
+        stop = self.wait_stop(budget("gdb_step") if timeout is None else timeout)
+        if stop is None or thread is None or stop.thread in (None, thread):
+            return stop
+        self.select(thread)
+        regs = self.registers()
+        return Stop(stop.signal, regs[15], regs, stop.at, thread)
 
     def detach(self) -> None:
         """Resume the VM and let go of it."""

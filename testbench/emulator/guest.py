@@ -1,7 +1,9 @@
 """Drive the stage-1 busybox shell: one command at a time, each bracketed by unique markers with its $?.
 
 The markers are typed as `TB""B-...` so the shell's echo of the typed line never matches the pattern that
-only the command's own output can produce.
+only the command's own output can produce. On a board whose share is read only for the guest (the
+initramfs transport), files the command sent back with `tb-put` are written to the console's `files_dir`
+before `run` returns, and left out of its output.
 """
 
 import itertools
@@ -10,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from .console import Console
+from .share import receive
 
 READY = r"TESTBENCH-STAGE1-READY"
 PROMPT = r"tb1\$ "
@@ -48,6 +51,8 @@ class Shell:
         last = self.console.wait_for(rf"^{end}-(\d+)\n", timeout, what, first.offset)
         self._offset = last.offset
         output = self.console.text[first.offset : last.offset - len(last.match.group(0))]
+        if self.console.files_dir is not None:
+            output = receive(output, self.console.files_dir)
         return CommandResult(command, int(last.match.group(1)), output.rstrip("\n"), time.monotonic() - started)
 
     def send(self, command: str) -> int:

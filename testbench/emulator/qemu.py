@@ -24,10 +24,10 @@ from ..deadlines import budget
 from ..errors import BenchError, UserError
 from ..machines import Machine
 from .console import Console
+from .share import qemu_share_args, share_kind
 
 QEMU_BINARY = "qemu-system-arm"
 MIN_QEMU_VERSION = (7, 0)
-SHARE_TAG = "tbshare"
 AUDIODEV_ID = "tbaudio"
 # sun_path is 108 bytes; deeper case dirs get their socket dir through a short symlink in /tmp.
 MAX_SOCKET_PATH = 100
@@ -45,6 +45,12 @@ class QemuSpec:
     share: Path | None
     # (file, address): raw images put in RAM by the generic loader device, for replaying a placement
     loaders: tuple[tuple[Path, int], ...] = ()
+    # How `share` reaches the guest (emulator/share.py); None: the machine's first for the installed QEMU
+    transport: str | None = None
+
+    @property
+    def share_transport(self) -> str:
+        return self.transport or self.machine.transport(installed_qemu_version())
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,9 @@ def qemu_args(spec: QemuSpec, sockets: Sockets | None, gdb: bool = False, incomi
     """The full command line. Without sockets it is the hand-run form used by repro.sh (console on stdio).
     `incoming` restores a saved stage-1 state (snapshot.py) instead of booting."""
     m = spec.machine
-    args = [QEMU_BINARY, *board_args(m), "-m", f"{spec.ram >> 20}M", "-smp", str(m.smp), *m.qemu_args]
+    args = [QEMU_BINARY, *board_args(m), "-m", f"{spec.ram >> 20}M", *m.cpu_args, *m.qemu_args]
+    # The console is the board's UART number `console_serial`: the ports before it get no backend.
+    serial = ["-serial", "null"] * m.console_serial
     if spec.kernel is not None:
         args += ["-kernel", str(spec.kernel), "-append", spec.append]
         if spec.initrd is not None:
@@ -98,15 +106,10 @@ def qemu_args(spec: QemuSpec, sockets: Sockets | None, gdb: bool = False, incomi
     if spec.dtb is not None and spec.kernel is not None:
         args += ["-dtb", str(spec.dtb)]
     if spec.share is not None:
-        args += [
-            "-fsdev",
-            f"local,id=tbfs,path={spec.share},security_model=none",
-            "-device",
-            f"virtio-9p-device,fsdev=tbfs,mount_tag={SHARE_TAG}",
-        ]
+        args += qemu_share_args(spec.share_transport, spec.share)
     if sockets is None:
         # By hand: the console and QEMU's monitor (Ctrl-A c) on the terminal.
-        return [*args, "-nographic", "-serial", "mon:stdio"]
+        return [*args, "-nographic", *serial, "-serial", "mon:stdio"]
     args += [
         "-display",
         "none",
@@ -117,6 +120,7 @@ def qemu_args(spec: QemuSpec, sockets: Sockets | None, gdb: bool = False, incomi
         f"unix:{sockets.qmp},server=on,wait=off",
         "-chardev",
         f"socket,id=tbcon,path={sockets.console},server=on,wait=off",
+        *serial,
         "-serial",
         "chardev:tbcon",
     ]
@@ -139,6 +143,15 @@ def board_args(machine: Machine) -> list[str]:
         if "audiodev" in _machine_properties(machine.qemu_machine):
             options.append(f"audiodev={AUDIODEV_ID}")
     return ["-M", ",".join(options), "-cpu", machine.cpu, *audio]
+
+
+@functools.cache
+def installed_qemu_version() -> tuple[int, int, int]:
+    """The installed QEMU's version, asked once per process (a host without QEMU: the 7.2 form, for a
+    repro.sh written there)."""
+    if shutil.which(QEMU_BINARY) is None:
+        return (7, 2, 0)
+    return qemu_version()
 
 
 @functools.cache
@@ -237,7 +250,22 @@ class QemuProcess:
         except Exception as err:  # QEMU died while starting (a bad -device, overlapping ROMs): say why
             self.proc.wait(timeout=5)
             raise BenchError(f"QEMU exited at start ({type(err).__name__}): {self.stderr_tail()}") from None
-        self.console = Console(self.sockets.console, self.case_dir / "console.log", self.debugger_attached)
+        # Without a writable share the guest sends its files back over the console (share.py), into the share.
+        back = None if self.spec.share is None or share_kind(self.spec.share_transport).writable else self.spec.share
+        self.console = Console(
+            self.sockets.console,
+            self.case_dir / "console.log",
+            self.debugger_attached,
+            back,
+            self.spec.machine.halt_lines,
+            self._halted,
+        )
+
+    def _halted(self) -> None:
+        """The guest halted for good on a board QEMU keeps running then (console reader thread): end QEMU."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGTERM)
 
     def stderr_tail(self) -> str:
         path = self.case_dir / "qemu.stderr"

@@ -81,9 +81,12 @@ class PrivateApt:
     """apt-get / apt-cache run against one suite's private state. Every call names its whole configuration
     on the command line, so the host's sources, lists and preferences are never read."""
 
-    def __init__(self, root: Path, suite: str, mirrors: Mirrors | None = None):
+    def __init__(self, root: Path, suite: str, mirrors: Mirrors | None = None, sources_too: bool = False):
         self.suite = suite
-        self.dir = root / "apt" / suite
+        # `sources_too`: deb-src entries as well, for scripts/build-kexec debian-src:SUITE (own state dir, so
+        # the image lists stay binary-only and small)
+        self.sources_too = sources_too
+        self.dir = root / "apt" / (f"{suite}-src" if sources_too else suite)
         self._mirrors = mirrors
         self._prepared = False
 
@@ -96,9 +99,10 @@ class PrivateApt:
     def sources(self) -> str:
         m = self.mirrors
         common = f"Components: main\nArchitectures: {ARCH}\nSigned-By: {KEYRING}\n"
+        types = "deb deb-src" if self.sources_too else "deb"
         return (
-            f"Types: deb\nURIs: {m.archive}\nSuites: {self.suite} {self.suite}-updates\n{common}\n"
-            f"Types: deb\nURIs: {m.security}\nSuites: {self.suite}-security\n{common}"
+            f"Types: {types}\nURIs: {m.archive}\nSuites: {self.suite} {self.suite}-updates\n{common}\n"
+            f"Types: {types}\nURIs: {m.security}\nSuites: {self.suite}-security\n{common}"
         )
 
     def _prepare(self) -> None:
@@ -159,17 +163,22 @@ class PrivateApt:
             )
         return done
 
-    def update(self) -> None:
+    def update(self) -> list[str]:
+        """Refresh the private lists; returns a note per update pocket (-updates, -security) the archive no
+        longer serves for armhf (bullseye-security after its LTS ended), which is not an error."""
         done = self._run("apt-get", ["update", "-q"], UPDATE_TIMEOUT, check=False)
-        if "does not have a Release file" in done.stderr or (done.returncode == 0 and not self.has_lists()):
+        errors = _errors(done.stderr)
+        pockets = [e for e in errors if re.search(rf"\b{re.escape(self.suite)}-(security|updates)\b", e)]
+        no_release = [e for e in errors if "does not have a Release file" in e and e not in pockets]
+        if no_release or (done.returncode == 0 and not self.has_lists()):
             raise UserError(
                 f"Debian suite {self.suite!r}: the mirror {self.mirrors.archive} has no such suite "
-                "for armhf (a codename such as bookworm or trixie)"
+                "for armhf (a codename such as bullseye, bookworm or trixie)"
             )
-        if done.returncode != 0 or not self.has_lists():
-            raise BenchError(
-                f"apt-get update ({self.suite}, private apt) failed: {' | '.join(_errors(done.stderr)[:3])}"
-            )
+        fatal = [e for e in errors if e not in pockets and "Some index files failed to download" not in e]
+        if not self.has_lists() or (done.returncode != 0 and (fatal or not pockets)):
+            raise BenchError(f"apt-get update ({self.suite}, private apt) failed: {' | '.join(errors[:3])}")
+        return [f"{self.suite}: {_pocket_url(e)} is not served; skipped" for e in pockets]
 
     def has_lists(self) -> bool:
         return any((self.dir / "lists").glob(f"*_dists_{self.suite}_main_binary-{ARCH}_Packages*"))
@@ -188,6 +197,10 @@ class PrivateApt:
         if not found:
             raise BenchError(f"apt-get download {name}={version} left no .deb")
         return found[0]
+
+
+def _pocket_url(error: str) -> str:
+    return error.split("Failed to fetch ", 1)[-1].split()[0]
 
 
 def _errors(stderr: str) -> list[str]:
@@ -219,3 +232,29 @@ def dependency_names(fields: dict[str, str]) -> list[str]:
             first = clause.split("|")[0].strip()
             names.append(re.split(r"[\s(:]", first, maxsplit=1)[0])
     return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m testbench.inputs.apt source-options SUITE`: update a private apt with SUITE's deb-src
+    entries and print the apt options that use it, one per line (scripts/build-kexec debian-src:SUITE)."""
+    import sys
+
+    from .images import cache_dir
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] != "source-options":
+        print("usage: python -m testbench.inputs.apt source-options SUITE", file=sys.stderr)
+        return 2
+    apt = PrivateApt(cache_dir(), args[1], sources_too=True)
+    try:
+        for note in apt.update():
+            print(note, file=sys.stderr)
+    except (UserError, BenchError) as err:
+        print(f"testbench: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(apt.options()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -101,7 +101,7 @@ def loader_bundle(images: Images) -> Path:
     (tmp / "lib").mkdir(parents=True)
     shutil.copy2(images.kexec, tmp / "kexec")
     for tree in images.library_trees():
-        for libdir in ("lib", "lib/arm-linux-gnueabihf", "usr/lib/arm-linux-gnueabihf"):
+        for libdir in ("lib", "lib/arm-linux-gnueabihf", "usr/lib", "usr/lib/arm-linux-gnueabihf"):
             base = tree / libdir
             if not base.is_dir():
                 continue

@@ -95,7 +95,8 @@ def lock_images(suite: str | None = None, say: Callable[[str], None] = _say_stde
     with _cache_lock(root):
         apt = PrivateApt(root, suite)
         say(f"resolving {suite}'s armhf packages from the archive")
-        apt.update()
+        for note in apt.update():
+            say(note)
         fresh = _locked_from_archive(suite, *resolve_package_set(apt))
     before = next((s for s in old.suites if s.suite == suite), None) if old else None
     for change in _changes(before, fresh):
@@ -198,7 +199,8 @@ def fetch_images(
                 f"{len(missing)} of {len(wanted)} locked {locked.suite} packages to fetch; updating the "
                 "private apt lists"
             )
-            apt.update()
+            for note in apt.update():
+                say(note)
             gone = [
                 p
                 for p in locked.packages

@@ -14,13 +14,15 @@ import fcntl
 import json
 import os
 import sys
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..datafiles import data_path
 from ..errors import BenchError, UserError
-from ..fileio import write_atomic
+from ..fileio import sha256_file, write_atomic
 from .lock import read_lock
 
 DEFAULT_SUITE = "bookworm"
@@ -101,9 +103,10 @@ class Images:
     def zimage(self) -> Path:
         return self.tree(self.kernel_package) / "boot" / f"vmlinuz-{self.kernel_release}"
 
+    # trixie's packages are merged-/usr (usr/sbin/kexec, usr/lib/modules); bookworm's and bullseye's are not
     @property
     def modules_dir(self) -> Path:
-        return self.tree(self.kernel_package) / "lib" / "modules" / self.kernel_release
+        return _usr_merged(self.tree(self.kernel_package), f"lib/modules/{self.kernel_release}")
 
     @property
     def dtb_dir(self) -> Path:
@@ -111,11 +114,11 @@ class Images:
 
     @property
     def busybox(self) -> Path:
-        return self.tree("busybox-static") / "bin" / "busybox"
+        return _usr_merged(self.tree("busybox-static"), "bin/busybox")
 
     @property
     def kexec(self) -> Path:
-        return self.tree("kexec-tools") / "sbin" / "kexec"
+        return _usr_merged(self.tree("kexec-tools"), "sbin/kexec")
 
     def library_trees(self) -> list[Path]:
         return [
@@ -123,6 +126,12 @@ class Images:
             for p in self.packages
             if p.name not in (self.kernel_package, "busybox-static", "kexec-tools")
         ]
+
+
+def _usr_merged(tree: Path, path: str) -> Path:
+    """TREE/PATH, or TREE/usr/PATH when the package ships it under /usr (merged-/usr suites)."""
+    plain = tree / path
+    return plain if plain.exists() or not (tree / "usr" / path).exists() else tree / "usr" / path
 
 
 @contextmanager
@@ -204,11 +213,28 @@ def _built_file(kind: str, name: str, file: str, how: str) -> Path:
     return path
 
 
+DEBIAN = "debian"
+
+
+def debian_suite(name: str | None) -> tuple[bool, str | None]:
+    """`debian` -> (True, None: the lock's default suite), `debian:SUITE` -> (True, SUITE), else (False, None)."""
+    if name in (None, DEBIAN):
+        return True, None
+    if name.startswith(f"{DEBIAN}:"):
+        suite = name.removeprefix(f"{DEBIAN}:")
+        if not suite:
+            raise UserError(f"{name}: name the Debian suite, e.g. {DEBIAN}:bookworm")
+        return True, suite
+    return False, None
+
+
 def kernel_path(name: str | None) -> Path:
-    """`debian` (or nothing) is the cached Debian zImage, `built:VARIANT` a scripts/build-kernel output,
-    anything else a path."""
-    if name in (None, "debian"):
-        return load_images().zimage
+    """`debian` (or nothing) is the cached Debian zImage of the default suite, `debian:SUITE` that suite's,
+    `built:VARIANT` a scripts/build-kernel output, anything else a path."""
+    is_debian, suite = debian_suite(name)
+    if is_debian:
+        return load_images(suite).zimage
+    assert name is not None
     if name.startswith(BUILT_PREFIX):
         variant = name.removeprefix(BUILT_PREFIX)
         return _built_file("kernels", variant, "zImage", f"scripts/build-kernel {variant}")
@@ -216,12 +242,56 @@ def kernel_path(name: str | None) -> Path:
 
 
 def kexec_path(name: str | None) -> Path | None:
-    """None for Debian's kexec-tools (the cached package), a scripts/build-kexec output for `built:NAME`,
-    else a path."""
-    if name in (None, "debian"):
+    """None for Debian's kexec-tools (`debian` or `debian:SUITE`: the cached package of that suite, see
+    kexec_suite), a scripts/build-kexec output for `built:NAME`, else a path."""
+    if debian_suite(name)[0]:
         return None
+    assert name is not None
     if name.startswith(BUILT_PREFIX):
         built = name.removeprefix(BUILT_PREFIX)
-        how = "scripts/build-kexec" if built == "debian-src" else f"scripts/build-kexec --name {built} SRC"
+        how = (
+            "scripts/build-kexec"
+            if built == "debian-src"
+            else f"scripts/build-kexec --name {built} [--patch FILE] [SRC]"
+        )
         return _built_file("kexec", built, "kexec", how)
     return Path(name).expanduser()
+
+
+def kexec_suite(name: str | None) -> str | None:
+    """The Debian suite whose kexec-tools package `name` means (None: the default suite, or not Debian's)."""
+    return debian_suite(name)[1]
+
+
+def loader_version(name: str | None) -> str:
+    """The kexec-tools version (or rule family) the oracle should use for a loader named on the command line:
+    a Debian suite's package version, a patched build's family, a build's source version; else the default."""
+    from ..oracle.placement import DEFAULT_VERSION
+
+    is_debian, suite = debian_suite(name)
+    if is_debian:
+        return load_images(suite).package("kexec-tools").version
+    path = kexec_path(name)
+    assert path is not None
+    try:
+        meta = json.loads((path.parent / "meta.json").read_text())
+    except (OSError, ValueError):
+        return DEFAULT_VERSION
+    source = meta.get("source") or {}
+    return patched_family(path) or str(source.get("version") or source.get("describe") or DEFAULT_VERSION)
+
+
+def patched_family(binary: Path) -> str | None:
+    """The oracle rule family of a loader scripts/build-kexec built with a patch from data/kexec-patches
+    (data/kexec-patches/families.toml, matched by the patch's sha256 in the build's meta.json)."""
+    try:
+        meta = json.loads((binary.parent / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    known = tomllib.loads(data_path("kexec-patches", "families.toml").read_text())
+    for patch in meta.get("patches") or []:
+        entry = known.get(patch.get("name"))
+        packaged = data_path("kexec-patches", str(patch.get("name")))
+        if entry and packaged.is_file() and sha256_file(packaged) == patch.get("sha256"):
+            return str(entry["family"])
+    return None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..datafiles import data_path
 from ..errors import BenchError
-from ..fileio import write_atomic
+from ..fileio import sha256_file, write_atomic
 from .cpio import CpioWriter
 from .images import Images
 
@@ -84,6 +84,7 @@ def _cached(images: Images, kind: str, key_parts: list[bytes], build) -> Path:
 
 def stage1_initramfs(images: Images) -> Path:
     init = _recipe("stage1", "init")
+    put = _recipe("stage1", "tb-put")  # sends files back over the console (emulator/share.py)
     wanted = [
         ln.strip()
         for ln in _recipe("stage1", "modules.txt").read_text().splitlines()
@@ -104,6 +105,7 @@ def stage1_initramfs(images: Images) -> Path:
                     made.add(directory)
             writer.file(f"lib/modules/{rel}", (images.modules_dir / rel).read_bytes())
         writer.file("etc/modules.load", ("\n".join(order) + "\n").encode())
+        writer.file("bin/tb-put", put.read_bytes(), 0o755)
         writer.close()
 
     key = [
@@ -111,8 +113,45 @@ def stage1_initramfs(images: Images) -> Path:
         images.package("busybox-static").sha256.encode(),
         init.read_bytes(),
         "\n".join(order).encode(),
+        put.read_bytes(),
     ]
     return _cached(images, "stage1", key, build)
+
+
+def share_initramfs(images: Images, stage1: Path, files: dict[str, Path]) -> Path:
+    """The stage-1 initramfs with the share appended as a second, uncompressed cpio: `files` (path below
+    /mnt -> host file) land in the guest's /mnt (emulator/share.py, the `initramfs` transport). Built once
+    per content into the image cache, so cases with the same files boot the same image and share its
+    stage-1 snapshot."""
+    entries = sorted(files.items())
+    key = hashlib.sha256(stage1.name.encode())
+    for name, path in entries:
+        key.update(b"\0%s\0%o\0%s" % (name.encode(), path.stat().st_mode & 0o777, sha256_file(path).encode()))
+    out_dir = images.root / "initramfs"
+    target = out_dir / f"stage1-share-{key.hexdigest()[:20]}.img"
+    if target.exists():
+        return target
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".build-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            base = stage1.read_bytes()
+            handle.write(base + b"\0" * (-len(base) % ARCHIVE_ALIGN))
+            writer = CpioWriter(handle)
+            made = set()
+            for name, path in entries:
+                parts = Path(name).parts[:-1]
+                for depth in range(1, len(parts) + 1):
+                    directory = "/".join(parts[:depth])
+                    if directory not in made:
+                        writer.directory(f"mnt/{directory}")
+                        made.add(directory)
+                writer.file(f"mnt/{name}", path.read_bytes(), path.stat().st_mode & 0o777)
+            writer.close()
+        os.chmod(tmp, 0o444)  # as the stage-2 initrds: shared, never written in place
+        os.replace(tmp, target)  # atomic, so concurrent cases never boot half an image
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
 
 
 def stage2_base(images: Images) -> Path:

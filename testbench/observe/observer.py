@@ -7,11 +7,14 @@ with a pattern. At the second stop the segments are dumped again and diffed: the
 exactly what the decompressor clobbered; the highest byte of the pattern window that changed is the real
 extent of its writes. While gdb holds the VM, gdb owns run/stop: we never send QMP stop/cont in between,
 only pmemsave (which works on a stopped VM). When a stop never comes, the VM is halted and examined
-(postmortem.py).
+(postmortem.py). With several vCPUs the stops, steps, samples and register reads are all on the vCPU
+that entered the zImage (the others are offline or parked by then); observe/cpus.json says which one
+it was and where the others sat.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -66,6 +69,7 @@ class Observer:
         self.entry_break = True
         self.deadlines = STOP_DEADLINES | (deadlines or {})  # seconds, before TESTBENCH_TIMEOUT_FACTOR
         self.spin_check = spin_check  # False: only the deadline ends a wait for the kernel entry
+        self.cpu: int | None = None  # the gdb thread (vCPU) that entered the zImage; None: the stub names none
 
     def arm(self) -> None:
         """Attach (the VM stops), set both breakpoints, and let stage 1 run on to take `kexec -e`."""
@@ -114,6 +118,8 @@ class Observer:
         mmu_off = (sctlr & SCTLR_M) == 0 if sctlr is not None else stop.pc == expected
         if not mmu_off:
             problems.append(f"{name} stop: MMU is on (SCTLR {sctlr:#x})")
+        if stop.thread is not None and self.cpu is not None and stop.thread != self.cpu:
+            problems.append(f"{name} stop: vCPU {stop.thread} got there, not vCPU {self.cpu} that entered the zImage")
         return StopReport(name, expected, True, seconds, stop.pc, r2, sctlr, mmu_off, tuple(problems))
 
     def _dump_segments(self, tag: str) -> dict[SegmentSpec, bytes]:
@@ -142,6 +148,9 @@ class Observer:
         factor = timeout_factor()
         handoff = self.deadlines["handoff"] * factor
         stop1 = first or self.gdb.wait_stop(handoff)
+        if stop1 is not None:
+            self.cpu = stop1.thread
+            self._record_cpus(stop1)
         report1 = self._check_stop("zimage", self.plan.entry, stop1, stop1.at - exec_at if stop1 else None)
         if stop1 is None:
             return self._hung("handoff", (report1,), (), [], None, time.monotonic() - exec_at, handoff)
@@ -153,7 +162,7 @@ class Observer:
             if self.plan.kernel_entry == self.plan.entry:
                 # TEXT_OFFSET 0x8000: the kernel is entered where the zImage was. Step off the address
                 # first, then arm it again for the second stop.
-                if self.gdb.step() is None:
+                if self.gdb.step(thread=self.cpu) is None:
                     raise GdbError(f"single step from the zImage entry {self.plan.entry:#x} did not stop")
                 self.gdb.set_hw_break(self.plan.kernel_entry)
         resumed = time.monotonic()
@@ -166,6 +175,7 @@ class Observer:
             return self._hung(
                 "decompress", (report1, report2), tuple(fidelity), gaps, dumped, waited, decompress, halted
             )
+        self._record_cpus(stop2, "kernel_entry")
         second = self._dump_segments("stop2")
         changes = segment_changes(dumped, second)
         clobbered, by_design = self._clobbers(changes)
@@ -189,7 +199,7 @@ class Observer:
                 return stop, None
             if not self.spin_check:
                 continue
-            sample = self.gdb.interrupt()
+            sample = self.gdb.interrupt(thread=self.cpu)
             if sample is None:
                 raise GdbError("the VM did not stop when interrupted")
             if sample.pc == self.plan.kernel_entry:
@@ -198,6 +208,24 @@ class Observer:
                 return None, sample
             self.gdb.cont()
         return None, None
+
+    def _record_cpus(self, stop: Stop, name: str = "zimage_entry") -> None:
+        """observe/cpus.json: the vCPUs, which one reached each stop, and at the zImage entry where the others
+        were (PC and CPSR: offline or parked CPUs sit in firmware, WFI loops or the old kernel's idle)."""
+        path = self.out / "cpus.json"
+        record = json.loads(path.read_text()) if path.exists() else {}
+        record[name] = stop.thread
+        if name == "zimage_entry" and stop.thread is not None:
+            record["vcpus"] = self.gdb.threads()
+            others = {}
+            for thread in record["vcpus"]:
+                if thread != stop.thread:
+                    self.gdb.select(thread)
+                    pc, cpsr = self.gdb.registers()[15], self.gdb.read_register("cpsr")
+                    others[str(thread)] = {"pc": f"{pc:#x}", "cpsr": None if cpsr is None else f"{cpsr:#x}"}
+            self.gdb.select(stop.thread)
+            record["others_at_zimage_entry"] = others
+        path.write_text(json.dumps(record, indent=1) + "\n")
 
     def _clobbers(
         self, changes: dict[SegmentSpec, list[tuple[int, int]]]
@@ -249,7 +277,7 @@ class Observer:
         }
         try:
             if halted is None:
-                halted = self.gdb.interrupt()
+                halted = self.gdb.interrupt(thread=self.cpu)
             now = self._dump_segments(f"hung-{phase}")
             if first is not None:
                 clobbered, by_design = self._clobbers(segment_changes(first, now))

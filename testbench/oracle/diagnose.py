@@ -219,3 +219,17 @@ def diagnose(a: Attempt) -> tuple[Diagnosis, ...]:
         )
     found.sort(key=lambda d: not d.blocks_load)
     return tuple(found)
+
+
+def load_diagnoses(version: str | None, command: str, output: str) -> tuple[str, ...]:
+    """A case's failed `kexec -l`, read like a pasted attempt: the diagnoses' summaries and advice, first."""
+    from ..inputs.attempts import split_attempts
+    from ..inputs.kexeclog import KexecLogError
+
+    text = (f"kexec-tools {version}\n" if version else "") + f"# {command}\n{output}"
+    try:
+        attempts = split_attempts(text).attempts
+    except (KexecLogError, ValueError):
+        return ()
+    found = [d for a in attempts for d in diagnose(a)]
+    return tuple(f"diagnosis ({d.kind}): {d.summary}" + (f"; {d.advice[0]}" if d.advice else "") for d in found)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 PGDIR = 0x4000  # 16 KiB first-level page table below the kernel
 SZ_2M = 0x200000
 # wont_overwrite - restart when the binary does not say: 0x1228 - 0x10b4 in Debian's 6.1 and 6.12 zImages
-# (the code between the two labels is the same in 5.10..7.2, DOMAIN 9.3)
+# (DOMAIN 9.3); Debian's 5.10 has 0x1218 - 0x1088 = 0x190
 WONT_OVERWRITE_GAP = 0x174
 FALLBACK_SINCE = (5, 12)  # fdt_check_mem_start, 0673cb389512 (DOMAIN 9.3)
 

@@ -86,8 +86,8 @@ def fake_mirror(tmp_path: Path, images: Images, monkeypatch: pytest.MonkeyPatch)
         def __init__(self, root: Path, suite: str) -> None:
             self.suite = suite
 
-        def update(self) -> None:
-            pass
+        def update(self) -> list[str]:
+            return []  # no pocket missing
 
         def show(self, name: str, version: str | None = None) -> dict[str, str]:
             have, sha = versions[name]
