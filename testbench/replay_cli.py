@@ -80,13 +80,20 @@ def pick_attempt(path: str, number: int | None) -> Attempt:
     return attempts[number - 1]
 
 
+def _debian_kernel_version() -> str:
+    from .inputs.images import load_images
+
+    images = load_images()
+    return images.package(images.kernel_package).version
+
+
 def request_from_args(args: argparse.Namespace) -> ReplayRequest:
     """The command line's bad input, each one line (UserError): machine, RAM, files, addresses, sizes."""
     m = get_machine(args.machine)
     ram = parse_size(args.ram, "--ram") if args.ram else m.default_ram
     m.check_ram(ram)
     out = Path(args.out or f"out/replay-{m.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    from .inputs.images import kernel_path, load_images
+    from .inputs.images import kernel_path
 
     debian = args.kernel in (None, "debian")
     kernel = kernel_path(args.kernel) if debian else _file(args.kernel, "kernel")
@@ -129,7 +136,7 @@ def request_from_args(args: argparse.Namespace) -> ReplayRequest:
         decompress_deadline=deadline,
         halt_check=not getattr(args, "no_halt_check", False),
         memory_start=memory_start,
-        kernel_version=load_images().package(load_images().kernel_package).version if debian else None,
+        kernel_version=_debian_kernel_version() if debian else None,
     )
 
 

@@ -70,6 +70,16 @@ def _base_entries(writer: CpioWriter, busybox: Path, init: Path) -> None:
     writer.file("init", init.read_bytes(), 0o755)
 
 
+def _parent_dirs(writer: CpioWriter, root: str, rel: str, made: set[str]) -> None:
+    """The directories above ROOT/REL that this archive does not have yet (newc has no implicit parents)."""
+    parts = Path(rel).parts[:-1]
+    for depth in range(1, len(parts) + 1):
+        directory = "/".join(parts[:depth])
+        if directory not in made:
+            writer.directory(f"{root}/{directory}")
+            made.add(directory)
+
+
 def _cached(images: Images, kind: str, key_parts: list[bytes], build) -> Path:
     key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:20]
     out_dir = images.root / "initramfs"
@@ -94,15 +104,10 @@ def stage1_initramfs(images: Images) -> Path:
 
     def build(writer: CpioWriter) -> None:
         _base_entries(writer, images.busybox, init)
-        made = {"lib"}
+        made: set[str] = set()
         writer.directory("lib/modules")
         for rel in order:
-            parts = Path(rel).parts[:-1]
-            for depth in range(1, len(parts) + 1):
-                directory = "/".join(parts[:depth])
-                if directory not in made:
-                    writer.directory(f"lib/modules/{directory}")
-                    made.add(directory)
+            _parent_dirs(writer, "lib/modules", rel, made)
             writer.file(f"lib/modules/{rel}", (images.modules_dir / rel).read_bytes())
         writer.file("etc/modules.load", ("\n".join(order) + "\n").encode())
         writer.file("bin/tb-put", put.read_bytes(), 0o755)
@@ -137,14 +142,9 @@ def share_initramfs(images: Images, stage1: Path, files: dict[str, Path]) -> Pat
             base = stage1.read_bytes()
             handle.write(base + b"\0" * (-len(base) % ARCHIVE_ALIGN))
             writer = CpioWriter(handle)
-            made = set()
+            made: set[str] = set()
             for name, path in entries:
-                parts = Path(name).parts[:-1]
-                for depth in range(1, len(parts) + 1):
-                    directory = "/".join(parts[:depth])
-                    if directory not in made:
-                        writer.directory(f"mnt/{directory}")
-                        made.add(directory)
+                _parent_dirs(writer, "mnt", name, made)
                 writer.file(f"mnt/{name}", path.read_bytes(), path.stat().st_mode & 0o777)
             writer.close()
         os.chmod(tmp, 0o444)  # as the stage-2 initrds: shared, never written in place

@@ -72,6 +72,37 @@ def tag_words(zi: ZImage) -> tuple[int, int] | None:
     return None
 
 
+def place_zimage(
+    zimage: ZImage,
+    ram: Sequence[tuple[int, int]],
+    family: str,
+    image_size: int | None,
+    initrd_size: int | None,
+    dtb_size: int | None,
+    *,
+    file_size: int | None = None,
+    mem_min: int = 0,
+    mem_max: int = ULONG_MAX,
+) -> Placement:
+    """`place()` with everything it reads from the zImage itself (sizes, the tag's words, the EFI stub);
+    `file_size` is what kexec read when it differs from the unwrapped zImage (a log's "file size")."""
+    return place(
+        ram,
+        family,
+        zimage.size,
+        zimage.data_size if file_size is None else file_size,
+        zimage.inflated_size,
+        zimage.kernel_bss,
+        image_size,
+        initrd_size,
+        dtb_size,
+        mem_min,
+        mem_max,
+        tag_words(zimage),
+        efi_stub=zimage.efi_stub,
+    )
+
+
 def _fallback(kernel_version: str | None) -> tuple[bool | None, list[str]]:
     fallback = has_fallback(kernel_version)
     if kernel_version and fallback is None:
@@ -103,21 +134,7 @@ def predict(
     ram = tuple(sorted((int(s), int(e)) for s, e in ram_ranges))
     if not ram:
         raise AnalyzeError("no RAM ranges given")
-    pl = place(
-        ram,
-        family,
-        zimage.size,
-        zimage.data_size,
-        zimage.inflated_size,
-        zimage.kernel_bss,
-        image_size,
-        initrd_size or None,
-        dtb_size,
-        mem_min,
-        mem_max,
-        tag_words(zimage),
-        efi_stub=zimage.efi_stub,
-    )
+    pl = place_zimage(zimage, ram, family, image_size, initrd_size or None, dtb_size, mem_min=mem_min, mem_max=mem_max)
     dtb8, bogus, notes = _appended_dtb8(zimage, family, kexec_version)
     fallback, more = _fallback(kernel_version)
     notes += more

@@ -29,10 +29,10 @@ from dataclasses import dataclass, replace
 
 from ..inputs.kexeclog import KexecLog
 from ..inputs.zimage import ZImage
-from .analyze import analyze, tag_words
+from .analyze import analyze, place_zimage
 from .collide import Collision, find_collisions
 from .footprint import SZ_2M, has_fallback
-from .placement import PAGE, Placement, PlacementError, align_down, align_up, place, version_tuple
+from .placement import PAGE, Placement, PlacementError, align_down, align_up, version_tuple
 from .predict import Prediction
 
 CRASH_KERNEL = "Crash kernel"
@@ -130,19 +130,7 @@ def crash_place(
 ) -> CrashPlacement:
     """kexec -p's placement. `place()` over one range from the region's start upwards reproduces the fixed
     offsets exactly: with nothing added before them, its first fit is the minimum it is given."""
-    pl = place(
-        ((region.start, TOP),),
-        family,
-        zimage.size,
-        zimage.data_size,
-        zimage.inflated_size,
-        zimage.kernel_bss,
-        image_size,
-        initrd_size,
-        dtb_size,
-        tag_words=tag_words(zimage),
-        efi_stub=zimage.efi_stub,
-    )
+    pl = place_zimage(zimage, ((region.start, TOP),), family, image_size, initrd_size, dtb_size)
     hdr = elfcorehdr_address(region, elfcorehdr_size, elfcorehdr_align)
     return CrashPlacement(region, pl, (hdr, elfcorehdr_size))
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from ..inputs.kexeclog import KexecLog
 from ..inputs.zimage import ZImage
 from ..sizes import parse_size
-from .analyze import tag_words
-from .placement import ULONG_MAX, PlacementError, place
+from .analyze import place_zimage
+from .placement import ULONG_MAX, PlacementError
 
 # kexec's own options that change placement; --opt=VALUE or --opt VALUE
 PLACEMENT_OPTIONS = {"--image-size": "image_size", "--mem-min": "mem_min", "--mem-max": "mem_max"}
@@ -58,20 +58,16 @@ def check_placement(
         return None
     options = placement_options(kexec_args)
     try:
-        pl = place(
+        pl = place_zimage(
+            zimage,
             log.memory_ranges,
             family,
-            zimage.size,
-            log.file_size if log.file_size is not None else zimage.data_size,
-            zimage.inflated_size,
-            zimage.kernel_bss,
             options.get("image_size"),
             log.initrd.size if log.initrd else None,
             log.dtb.size if log.dtb else None,
-            options.get("mem_min", 0),
-            options.get("mem_max", ULONG_MAX),
-            tag_words(zimage),
-            efi_stub=zimage.efi_stub,
+            file_size=log.file_size,
+            mem_min=options.get("mem_min", 0),
+            mem_max=options.get("mem_max", ULONG_MAX),
         )
     except PlacementError as err:
         return PlacementCheck(family, False, {}, (f"the rules refuse this load, kexec did not: {err}",))

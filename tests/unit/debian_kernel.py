@@ -144,6 +144,37 @@ def load_facts() -> dict[str, dict]:
     return tomllib.loads(FACTS_FILE.read_text())["builds"]
 
 
+def facts_zimage(sha: str):
+    """A testbench ZImage holding exactly one build's od-measured numbers from kernel_facts.toml (no file
+    needed, so tests of the oracle keep running when Debian replaces the cached kernel)."""
+    from testbench.inputs.zimage import ZImage
+
+    f = load_facts()[sha]
+    return ZImage(
+        file_size=f["file_size"],
+        container="zimage",
+        data_size=f["file_size"],
+        magic_start=0,
+        magic_end=f["size"],
+        endian="le",
+        efi_stub=True,
+        thumb2=False,
+        table_offset=f["table_offset"],
+        tag_words=f["tag_words"],
+        size_ptr=f["size_ptr"],
+        inflated_size=f["inflated_size"],
+        kernel_bss=f["kernel_bss"],
+        text_offset=f["text_offset"],
+        malloc_size=f["malloc_size"],
+        restart=f["restart"],
+        reloc_pad=f["reloc_pad"],
+        bss_start=f["size"],
+        bss_end=f["bss_end"],
+        stack_end=f["stack_end"],
+        wont_overwrite=f.get("wont_overwrite"),
+    )
+
+
 def facts_for(zimage: Path) -> dict | None:
     return load_facts().get(sha256_file(zimage))
 

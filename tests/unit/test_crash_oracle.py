@@ -15,11 +15,10 @@ import struct
 from pathlib import Path
 
 import pytest
-from debian_kernel import load_facts
+from debian_kernel import facts_zimage
 
 from testbench.inputs.crashlog import parse_crash_log
 from testbench.inputs.kexeclog import parse_kexec_log
-from testbench.inputs.zimage import ZImage
 from testbench.kdump_verdict import (
     crash_console,
     kdump_sign_reasons,
@@ -49,33 +48,6 @@ DEBIAN_5_10_0_32 = "1e3bde30c9f5537ffcc2e6ae8978231120fa8c9e2f6c85f1477b80745af2
 K61, K510 = "6.1.192-3", "5.10.223-1"
 
 
-def _zimage(sha: str) -> ZImage:
-    f = load_facts()[sha]
-    return ZImage(
-        file_size=f["file_size"],
-        container="zimage",
-        data_size=f["file_size"],
-        magic_start=0,
-        magic_end=f["size"],
-        endian="le",
-        efi_stub=True,
-        thumb2=False,
-        table_offset=f["table_offset"],
-        tag_words=f["tag_words"],
-        size_ptr=f["size_ptr"],
-        inflated_size=f["inflated_size"],
-        kernel_bss=f["kernel_bss"],
-        text_offset=f["text_offset"],
-        malloc_size=f["malloc_size"],
-        restart=f["restart"],
-        reloc_pad=f["reloc_pad"],
-        bss_start=f["size"],
-        bss_end=f["bss_end"],
-        stack_end=f["stack_end"],
-        wont_overwrite=f.get("wont_overwrite"),
-    )
-
-
 def test_the_crash_kernel_range_is_read_from_iomem():
     text = (DATA / "iomem-virt-1G-crashkernel-64M.txt").read_text()
     assert crash_region(text) == RESERVED
@@ -85,7 +57,9 @@ def test_the_crash_kernel_range_is_read_from_iomem():
 # DOMAIN 9.4's initrd was not recorded; its Initrd/DT addresses pin its size to [0xd7000, 0xd8000)
 @pytest.mark.parametrize("initrd_size", [0xD7000, 0xD7800, 0xD7FFF])
 def test_default_crash_placement_is_domain_9_4(initrd_size):
-    placed = crash_place(RESERVED, _zimage(DEBIAN_6_1_0_57), ">=2.0.17", initrd_size=initrd_size, dtb_size=0x10008F)
+    placed = crash_place(
+        RESERVED, facts_zimage(DEBIAN_6_1_0_57), ">=2.0.17", initrd_size=initrd_size, dtb_size=0x10008F
+    )
     pl = placed.placement
     assert (pl.kernel_base, pl.image_size) == (0x68008000, 0x018E94A8)
     assert pl.initrd == (0x698F2000, initrd_size)
@@ -97,7 +71,12 @@ def test_default_crash_placement_is_domain_9_4(initrd_size):
 
 def test_image_size_crash_placement_is_domain_9_4():
     placed = crash_place(
-        RESERVED, _zimage(DEBIAN_6_1_0_57), ">=2.0.17", image_size=0x2000000, initrd_size=0xD7800, dtb_size=0x10008F
+        RESERVED,
+        facts_zimage(DEBIAN_6_1_0_57),
+        ">=2.0.17",
+        image_size=0x2000000,
+        initrd_size=0xD7800,
+        dtb_size=0x10008F,
     )
     assert placed.placement.initrd == (0x6A008000, 0xD7800)
     assert placed.placement.dtb == (0x6A0E0000, 0x10008F)
@@ -107,7 +86,7 @@ def test_crash_offsets_are_fixed_not_searched():
     """No locate_hole in crash mode: a region too small for the initrd still gets it at the fixed offset,
     and the load is refused by the kernel (outside crashk_res) or by sort_segments (over the elfcorehdr)."""
     small = CrashRegion(0x68000000, 0x69C00000)  # 28 MiB: the elfcorehdr at 0x69b00000
-    placed = crash_place(small, _zimage(DEBIAN_6_1_0_57), ">=2.0.17", initrd_size=0x400000, dtb_size=0x10008F)
+    placed = crash_place(small, facts_zimage(DEBIAN_6_1_0_57), ">=2.0.17", initrd_size=0x400000, dtb_size=0x10008F)
     assert placed.placement.initrd == (0x698F2000, 0x400000)  # 0x68008000 + ALIGN(0x018e94a8)
     assert placed.elfcorehdr[0] == 0x69B00000
     refusals = " | ".join(placed.refusals())
@@ -160,7 +139,7 @@ def test_a_real_kexec_p_log_is_parsed():
 def test_default_placement_crash_kernel_clobbers_its_initrd_and_dtb():
     log, crash = _log("kexec-2.0.25-crash-virt-64M-default-6.1.0-57.txt")
     p = judge_crash(
-        log, RESERVED, _zimage(DEBIAN_6_1_0_57), VIRT, kernel_version=K61, kexec_version="2.0.25",
+        log, RESERVED, facts_zimage(DEBIAN_6_1_0_57), VIRT, kernel_version=K61, kexec_version="2.0.25",
         elfcorehdr=crash.elfcorehdr,
     )  # fmt: skip
     assert p.kernel_address == 0x68208000
@@ -177,7 +156,7 @@ def test_default_placement_crash_kernel_clobbers_its_initrd_and_dtb():
 def test_image_size_crash_kernel_is_safe():
     log, crash = _log("kexec-2.0.25-crash-virt-64M-imagesize-6.1.0-57.txt")
     p = judge_crash(
-        log, RESERVED, _zimage(DEBIAN_6_1_0_57), VIRT, kernel_version=K61, kexec_version="2.0.25",
+        log, RESERVED, facts_zimage(DEBIAN_6_1_0_57), VIRT, kernel_version=K61, kexec_version="2.0.25",
         elfcorehdr=crash.elfcorehdr,
     )  # fmt: skip
     assert p.verdict == "safe" and p.findings() == ()
@@ -189,7 +168,7 @@ def test_a_pre_5_16_crash_kernel_writes_outside_an_unaligned_reservation():
     at_4c = CrashRegion(0x4C000000, 0x50000000)
     log, crash = _log("kexec-2.0.25-crash-virt-64M@4c000000-5.10.0-32.txt")
     p = judge_crash(
-        log, at_4c, _zimage(DEBIAN_5_10_0_32), VIRT, kernel_version=K510, kexec_version="2.0.25",
+        log, at_4c, facts_zimage(DEBIAN_5_10_0_32), VIRT, kernel_version=K510, kexec_version="2.0.25",
         elfcorehdr=crash.elfcorehdr,
     )  # fmt: skip
     assert p.kernel_address == 0x48208000
@@ -291,12 +270,12 @@ def test_analyze_reads_a_kexec_p_log():
 
     text = (DATA / "kexec-2.0.25-crash-virt-64M@4c000000-5.10.0-32.txt").read_text()
     assert is_crash_log(text) and not is_crash_log((DATA / "seed_a.txt").read_text())
-    old = analyze_crash(text, _zimage(DEBIAN_5_10_0_32), "5.10.223", None)
+    old = analyze_crash(text, facts_zimage(DEBIAN_5_10_0_32), "5.10.223", None)
     assert old.verdict == "collision" and old.by_rule[0][1].kernel_address == 0x48208000
-    both = analyze_crash(text, _zimage(DEBIAN_5_10_0_32), None, None)
+    both = analyze_crash(text, facts_zimage(DEBIAN_5_10_0_32), None, None)
     assert [p.kernel_address for _, p in both.by_rule] == [0x4C208000, 0x48208000]
     safe = (DATA / "kexec-2.0.25-crash-virt-64M-imagesize-6.1.0-57.txt").read_text()
-    assert analyze_crash(safe, _zimage(DEBIAN_6_1_0_57), None, "2.0.25").verdict == "safe"
+    assert analyze_crash(safe, facts_zimage(DEBIAN_6_1_0_57), None, "2.0.25").verdict == "safe"
 
 
 def test_the_smallest_reservation_for_a_layout():
@@ -306,13 +285,13 @@ def test_the_smallest_reservation_for_a_layout():
     base + 0x1dcb08f, so 30 MiB of layout plus the ELF core header's MiB: 31 MiB."""
     from testbench.crash_cli import crash_advise
 
-    a = crash_advise(_zimage(DEBIAN_6_1_0_57), VIRT[0], 0x68000000, "2.0.25", K61, 0x1D82F8, 0x10008F)
+    a = crash_advise(facts_zimage(DEBIAN_6_1_0_57), VIRT[0], 0x68000000, "2.0.25", K61, 0x1D82F8, 0x10008F)
     assert a.image_size == 0x1AEA000
     assert a.placement.placement.initrd == (0x69AF2000, 0x1D82F8)
     assert a.size == 31 << 20 and a.placement.elfcorehdr[0] == 0x69E00000
     assert a.judged.verdict == "safe"
     # before 5.16, off a 128 MiB boundary, no size helps: the kernel goes below the reservation
-    old = crash_advise(_zimage(DEBIAN_5_10_0_32), VIRT[0], 0x4C000000, "2.0.25", K510, 0x1D82F8, 0x10008F)
+    old = crash_advise(facts_zimage(DEBIAN_5_10_0_32), VIRT[0], 0x4C000000, "2.0.25", K510, 0x1D82F8, 0x10008F)
     assert old.judged.outside and old.judged.kernel_address == 0x48208000
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from debian_kernel import load_facts
+from debian_kernel import facts_zimage, load_facts
 from zimage_builder import build_zimage
 
 from testbench.inputs.kexeclog import parse_kexec_log
-from testbench.inputs.zimage import ZImage, parse_zimage
+from testbench.inputs.zimage import parse_zimage
 from testbench.oracle import advise, predict
 from testbench.oracle.placement import PAGE, TAG_AWARE, align_up, place
 from testbench.oracle.placement_check import check_placement
@@ -25,37 +25,9 @@ MiB = 1 << 20
 DEBIAN_6_1_0_57 = "41ae0a8ffadcdbecce5b129e12f1751e0ccaf42fdf0604ab74c414b95789d481"
 
 
-def _facts_zimage(sha: str) -> ZImage:
-    """A ZImage holding exactly the od-measured numbers of one Debian build (no file needed)."""
-    f = load_facts()[sha]
-    return ZImage(
-        file_size=f["file_size"],
-        container="zimage",
-        data_size=f["file_size"],
-        magic_start=0,
-        magic_end=f["size"],
-        endian="le",
-        efi_stub=True,
-        thumb2=False,
-        table_offset=f["table_offset"],
-        tag_words=f["tag_words"],
-        size_ptr=f["size_ptr"],
-        inflated_size=f["inflated_size"],
-        kernel_bss=f["kernel_bss"],
-        text_offset=f["text_offset"],
-        malloc_size=f["malloc_size"],
-        restart=f["restart"],
-        reloc_pad=f["reloc_pad"],
-        bss_start=f["size"],
-        bss_end=f["bss_end"],
-        stack_end=f["stack_end"],
-        wont_overwrite=f.get("wont_overwrite"),
-    )
-
-
 def test_the_patched_loaders_own_log_follows_the_tag_aware_rules():
     log = parse_kexec_log((DATA / "kexec-2.0.25-tag-aware-virt-6.1.0-57.txt").read_text())
-    zi = _facts_zimage(DEBIAN_6_1_0_57)
+    zi = facts_zimage(DEBIAN_6_1_0_57)
     check = check_placement(log, zi, TAG_AWARE)
     assert check is not None and check.agrees, check
     assert check.predicted["image_size"] == 0x1AE94A8  # "Resulting kernel space: 0x01ae94a8"
@@ -69,7 +41,7 @@ def test_tag_aware_initrd_within_one_page_of_the_lowest_safe_address(sha):
     the lowest page the initrd can safely start at is align_up(malloc_end); the patch must not go below it
     and may waste at most one page."""
     facts = load_facts()[sha]["virt_2_0_25"]
-    zi = _facts_zimage(sha)
+    zi = facts_zimage(sha)
     pl = place(
         VIRT,
         TAG_AWARE,
@@ -106,7 +78,7 @@ def test_short_tags_place_exactly_like_the_stock_loader(words):
 
 
 def test_image_size_only_raises_the_tag_aware_reservation():
-    zi = _facts_zimage(DEBIAN_6_1_0_57)
+    zi = facts_zimage(DEBIAN_6_1_0_57)
     small = predict(zi, VIRT, TAG_AWARE, 0x1000000, MiB, MiB).placement
     large = predict(zi, VIRT, TAG_AWARE, 0x3000000, MiB, MiB).placement
     assert small is not None and large is not None
