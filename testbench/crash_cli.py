@@ -13,6 +13,7 @@ from .inputs.crashlog import parse_crash_log
 from .inputs.kexeclog import KexecLog, KexecLogError, Placed, parse_kexec_log
 from .inputs.zimage import ZImage
 from .oracle.crash import ELFCOREHDR_ALIGN, CrashPlacement, CrashPrediction, CrashRegion, crash_place, judge_crash
+from .oracle.crash_memory import CMA_ALIGN, BootMemory, CrashMemoryInputs, MemoryCheck, smallest_mem
 from .oracle.placement import DEFAULT_VERSION, PAGE, align_up, version_family
 
 EXIT = {"safe": 0, "collision": 1, "outside": 1, "unknown": 3}
@@ -82,13 +83,27 @@ ALIGNED_BASE = 0x8000000  # crashkernel=SIZE without @: the kernel reserves on a
 
 
 @dataclass(frozen=True)
+class CrashRuntime:
+    """What advise knows of the crash kernel's own memory (oracle/crash_memory.py), each with its source."""
+
+    files: int  # the initramfs's regular files, page-rounded
+    cma: int  # the build's CMA area
+    boot: BootMemory | None  # the build's boot allocations on this board, when measured
+    notes: tuple[str, ...]  # where files and cma came from
+    cma_align: int = CMA_ALIGN
+
+
+@dataclass(frozen=True)
 class CrashAdvice:
     region_start: int
     image_size: int | None  # kexec -p --image-size; None: the default placement is already clear
-    size: int  # the smallest crashkernel= size whose layout holds it all, in whole MiB
+    size: int  # the smallest crashkernel= size, in whole MiB: layout, and the memory rules when given
     placement: CrashPlacement  # with that size and image size
     judged: CrashPrediction
     lines: tuple[str, ...]
+    layout_size: int = 0  # what the layout alone needs
+    memory: MemoryCheck | None = None  # the crash kernel's memory at `size` (None: not modelled)
+    runtime: CrashRuntime | None = None
 
 
 def _log_of(placed: CrashPlacement, zimage: ZImage) -> KexecLog:
@@ -122,11 +137,13 @@ def crash_advise(
     kernel_version: str,
     initrd_size: int | None,
     dtb_size: int | None,
+    runtime: CrashRuntime | None = None,
 ) -> CrashAdvice:
     """The smallest reservation at `start` whose layout is clear: the crash decompressor's footprint does
     not depend on the image size, so the initrd goes at its end (--image-size) and the region must reach
-    past the DTB, plus the top MiB for the ELF core header. What the crash kernel then needs to run in
-    mem= is not modelled (measure it: `testbench run --mode kdump --crashkernel SIZE@ADDR`)."""
+    past the DTB, plus the top MiB for the ELF core header. With `runtime`, grown until the crash kernel's
+    mem= also meets the memory rules of oracle/crash_memory.py (tmpfs, and the boot's allocations when
+    measured for the build)."""
     family = version_family(kexec_version)
     if zimage.inflated_size is None:
         raise UserError("the zImage has no KLSZ tag: kexec cannot size the kernel, so neither can the advice")
@@ -158,8 +175,14 @@ def crash_advise(
     ends = [pl.kernel_base + pl.kernel_memsz, footprint_end]
     ends += [s[0] + s[1] for s in (pl.initrd, pl.dtb) if s is not None]
     size = align_up(max(ends) - start, ELFCOREHDR_ALIGN) + ELFCOREHDR_ALIGN
+    layout_size = size
     region = CrashRegion(start, start + size)
     placed = crash_place(region, zimage, family, image_size=image_size, initrd_size=initrd_size, dtb_size=dtb_size)
+    memory = None
+    if runtime is not None:
+        memory, size = _memory_size(runtime, placed, p.kernel_address, zimage, ram)
+        region = CrashRegion(start, start + size)
+        placed = crash_place(region, zimage, family, image_size=image_size, initrd_size=initrd_size, dtb_size=dtb_size)
     final = judge_crash(
         _log_of(placed, zimage), region, zimage, (ram,), kernel_version=kernel_version, kexec_version=kexec_version,
         elfcorehdr=placed.elfcorehdr,
@@ -167,10 +190,65 @@ def crash_advise(
     lines = [
         f"crash kernel decompressed at {final.kernel_address:#x} ({final.address_rule})",
         f"its footprint ends at {footprint_end:#x}; default initrd at {first:#x}" if first is not None else "",
-        f"layout ends at {max(ends):#x}; + the ELF core header's MiB at the top: {size >> 20} MiB",
+        f"layout ends at {max(ends):#x}; + the ELF core header's MiB at the top: {layout_size >> 20} MiB",
+        *(_memory_lines(runtime, memory, size) if runtime is not None else ()),
         *(f"- {f}" for f in final.findings()),
     ]
-    return CrashAdvice(start, image_size, size, placed, final, tuple(x for x in lines if x))
+    return CrashAdvice(
+        start, image_size, size, placed, final, tuple(x for x in lines if x), layout_size, memory, runtime
+    )
+
+
+def memory_inputs(
+    runtime: CrashRuntime, placed: CrashPlacement, kernel_address: int, zimage: ZImage
+) -> CrashMemoryInputs:
+    """The memory model's view of a crash placement (the positions do not depend on the region's size)."""
+    pl = placed.placement
+    assert zimage.inflated_size is not None
+    return CrashMemoryInputs(
+        start=placed.region.start,
+        kernel=(kernel_address, zimage.inflated_size + (zimage.kernel_bss or 0)),
+        initrd=pl.initrd,
+        dtb=pl.dtb,
+        files=runtime.files,
+        cma=runtime.cma,
+        cma_align=runtime.cma_align,
+        own=runtime.boot.reserved_kib << 10 if runtime.boot else None,
+    )
+
+
+def _memory_size(
+    runtime: CrashRuntime, placed: CrashPlacement, kernel_address: int, zimage: ZImage, ram: tuple[int, int]
+) -> tuple[MemoryCheck | None, int]:
+    """The crash kernel's memory at the layout's size, grown MiB by MiB until it meets the rules."""
+    inputs = memory_inputs(runtime, placed, kernel_address, zimage)
+    boot = runtime.boot.boot_kib << 10 if runtime.boot else None
+    limit = ram[1] - placed.region.start - ELFCOREHDR_ALIGN
+    check = smallest_mem(inputs, placed.mem_kib << 10, boot, limit)
+    if check is None:
+        return None, placed.region.size
+    # mem = elfcorehdr - start, and the header takes the top MiB of a whole-MiB reservation
+    return check, max(placed.region.size, check.mem + ELFCOREHDR_ALIGN)
+
+
+def _memory_lines(runtime: CrashRuntime, memory: MemoryCheck | None, size: int) -> list[str]:
+    lines = [f"crash kernel memory: {n}" for n in runtime.notes]
+    if memory is None:
+        return [*lines, "- no reservation in RAM leaves the crash kernel enough memory to unpack its initramfs"]
+    boot = runtime.boot
+    lines.append(f"at {size >> 20} MiB: {memory.reason_text(runtime.files, boot.boot_kib << 10 if boot else None)}")
+    if boot is not None:
+        lines.append(
+            f"boot allocations {boot.boot_kib}K, own reservations {boot.reserved_kib}K: measured on {boot.machine} "
+            f"({boot.source}; mem={boot.passed_mem_kib}K reached init"
+            + (f", mem={boot.failed_mem_kib}K did not)" if boot.failed_mem_kib else ")")
+        )
+    else:
+        lines.append(
+            "boot allocations of this build not measured: the size covers the layout and tmpfs only "
+            "(measure them: testbench advise --crash --measure)"
+        )
+    return lines
 
 
 def print_crash_advice(a: CrashAdvice, as_json: bool, fixed_base: bool = True) -> int:
@@ -181,6 +259,16 @@ def print_crash_advice(a: CrashAdvice, as_json: bool, fixed_base: bool = True) -
             "image_size": a.image_size,
             "elfcorehdr": a.placement.elfcorehdr[0],
             "mem_kib": a.placement.mem_kib,
+            "layout_size": a.layout_size,
+            "memory": None
+            if a.memory is None
+            else {
+                "available": a.memory.available,
+                "cma_at": a.memory.cma_at,
+                "tmpfs_ok": a.memory.tmpfs_ok,
+                "memory_ok": a.memory.memory_ok,
+            },
+            "boot_memory": a.runtime.boot.to_dict() if a.runtime and a.runtime.boot else None,
             "oracle": a.judged.to_dict(),
             "arithmetic": list(a.lines),
         }
@@ -195,5 +283,8 @@ def print_crash_advice(a: CrashAdvice, as_json: bool, fixed_base: bool = True) -
     args = f" and kexec -p --image-size={a.image_size:#x}" if a.image_size else ""
     where = f"@{a.region_start:#x}" if fixed_base else " (the kernel puts it on a 128 MiB boundary)"
     print(f"advice: crashkernel={a.size >> 20}M{where}{args}")
-    print(f"  (the crash kernel then runs in mem={a.placement.mem_kib}K, which the oracle does not model: measure it)")
+    if a.memory is None or a.runtime is None or a.runtime.boot is None:
+        print(f"  (the crash kernel then runs in mem={a.placement.mem_kib}K; its boot allocations are not measured)")
+    elif a.size > a.layout_size:
+        print(f"  (the layout needs {a.layout_size >> 20} MiB; the crash kernel's memory {a.size >> 20} MiB)")
     return 0

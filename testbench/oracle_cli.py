@@ -263,6 +263,9 @@ def cmd_advise(args: argparse.Namespace) -> int:
         dtb = dtb_default if dtb_default is not None else QEMU_DTB_SIZE
         notes.append(f"DTB size taken as {dtb:#x} (give --dtb-size for the real one)")
     initrd = _int(args.initrd_size, "--initrd-size") or None
+    initrd_file = _initrd_file(args)
+    if initrd_file is not None:
+        initrd = initrd_file.stat().st_size
     if args.crash:  # the smallest crashkernel= reservation (crash_cli.py)
         return _crash_advice(args, zi, ram[0], initrd, dtb or None)
     a = advise(
@@ -302,6 +305,15 @@ def cmd_advise(args: argparse.Namespace) -> int:
     return 0
 
 
+def _initrd_file(args: argparse.Namespace) -> Path | None:
+    if not getattr(args, "initrd", None):
+        return None
+    path = Path(args.initrd)
+    if not path.is_file():
+        raise UserError(f"--initrd {path}: no such file")
+    return path
+
+
 def _crash_advice(args: argparse.Namespace, zi, ram: tuple[int, int], initrd: int | None, dtb: int | None) -> int:
     from .crash_cli import ALIGNED_BASE, crash_advise, print_crash_advice
 
@@ -310,8 +322,17 @@ def _crash_advice(args: argparse.Namespace, zi, ram: tuple[int, int], initrd: in
         start = (ram[0] + ALIGNED_BASE) & -ALIGNED_BASE
     if not ram[0] <= start < ram[1]:
         raise UserError(f"--crash-base {start:#x} is not in RAM [{ram[0]:#x}, {ram[1]:#x})")
+    if args.measure:
+        from .crash_measure import run_measurement
+
+        return run_measurement(args, zi, ram, start, dtb, fixed_base=args.crash_base is not None)
+    from .crash_measure import crash_runtime
+    from .inputs.images import kernel_path
+
+    cma = parse_size(args.cma, "--cma") if args.cma else None
+    runtime = crash_runtime(args.kernel, kernel_path(args.kernel), args.machine, _initrd_file(args), initrd, cma)
     version = args.kernel_version or "6.1"
-    a = crash_advise(zi, ram, start, args.kexec_version, version, initrd, dtb)
+    a = crash_advise(zi, ram, start, args.kexec_version, version, initrd, dtb, runtime)
     if not args.kernel_version and not args.json:
         print("assumption: the crash kernel is Linux >= 5.16 (give --kernel-version)")
     return print_crash_advice(a, args.json, fixed_base=args.crash_base is not None)
@@ -353,5 +374,14 @@ def register(subparsers) -> None:
     ad.add_argument("--json", action="store_true", help="print JSON")
     ad.add_argument("--crash", action="store_true", help="kexec -p: the smallest crashkernel= size and --image-size")
     ad.add_argument("--crash-base", help="with --crash: the reservation's start (crashkernel=SIZE@ADDR)")
+    ad.add_argument("--initrd", help="the initrd file (its size, and with --crash what its initramfs unpacks to)")
+    ad.add_argument("--cma", help="with --crash: the crash kernel's CMA area (default: the Debian package config)")
+    ad.add_argument(
+        "--measure",
+        action="store_true",
+        help="with --crash: run kdump cases in QEMU for the smallest size that reaches init and store the "
+        "build's boot memory (--initrd-size is then the payload of the bench's own initrd)",
+    )
+    ad.add_argument("--out", help="with --measure: keep every run's artifacts here")
     ad.add_argument("--kernel-version", help="with --crash: the crash kernel's Linux version (5.16 changed it)")
     ad.set_defaults(func=cmd_advise)

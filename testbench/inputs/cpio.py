@@ -71,8 +71,12 @@ class CpioWriter:
 
 def read_cpio(data: bytes) -> list[tuple[str, int, bytes]]:
     """Parse a newc archive into (name, mode, data) entries; used by the tests and by the doctor."""
+    return read_cpio_at(data, 0)[0]
+
+
+def read_cpio_at(data: bytes, offset: int) -> tuple[list[tuple[str, int, bytes]], int]:
+    """The entries of the newc archive starting at `offset`, and the offset just past its trailer."""
     entries: list[tuple[str, int, bytes]] = []
-    offset = 0
     while True:
         if data[offset : offset + 6] != MAGIC:
             raise ValueError(f"bad cpio magic at offset {offset}")
@@ -81,10 +85,10 @@ def read_cpio(data: bytes) -> list[tuple[str, int, bytes]]:
         name_start = offset + 110
         name = data[name_start : name_start + namesize - 1].decode()
         data_start = name_start + namesize + _pad4_len(110 + namesize)
-        if name == TRAILER:
-            return entries
-        entries.append((name, mode, data[data_start : data_start + filesize]))
         offset = data_start + filesize + _pad4_len(filesize)
+        if name == TRAILER:
+            return entries, offset
+        entries.append((name, mode, data[data_start : data_start + filesize]))
 
 
 def _pad4_len(length: int) -> int:

@@ -100,3 +100,19 @@ def kernel_info(images: Images) -> KernelInfo:
         efi_stub=zi.efi_stub,
         appended_dtb=config.get("CONFIG_ARM_APPENDED_DTB") == "y",
     )
+
+
+def cma_area(config: dict[str, str]) -> tuple[int, int]:
+    """(size, alignment) of the CMA area a build reserves at boot without a cma= argument: the size of a
+    CONFIG_CMA_SIZE_SEL_MBYTES build, on a pageblock (PAGE_SIZE << (MAX_ORDER - 1)) boundary."""
+    max_order = int(config.get("CONFIG_ARCH_FORCE_MAX_ORDER", "11") or 11)
+    size = int(config.get("CONFIG_CMA_SIZE_MBYTES", "0") or 0) << 20 if config.get("CONFIG_DMA_CMA") == "y" else 0
+    return size, 0x1000 << (max_order - 1)
+
+
+def debian_cma(kernel: str | None) -> tuple[int, int] | None:
+    """The CMA area in the package config of `debian`/`debian:SUITE` (the cached zImage); None otherwise."""
+    from .images import debian_suite, load_images
+
+    is_debian, suite = debian_suite(kernel)
+    return cma_area(read_config(load_images(suite))) if is_debian else None

@@ -26,10 +26,10 @@ def images() -> Images:
 
 @pytest.fixture
 def run_kexec_case(images: Images, tmp_path: Path):
-    def run(machine: str, ram: str | None = None, **options) -> CaseResult:
+    def run(machine: str, ram: str | None = None, case: str = "case", **options) -> CaseResult:
         m = get_machine(machine)
         ram_bytes = m.default_ram if ram is None else int(ram)
-        request = CaseRequest(machine=m, ram=ram_bytes, out=tmp_path / "case", **options)
+        request = CaseRequest(machine=m, ram=ram_bytes, out=tmp_path / case, **options)
         return run_case(prepare_case(request, images))
 
     return run

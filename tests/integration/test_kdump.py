@@ -6,6 +6,7 @@ head.S arithmetic worked by hand (tests/unit/test_crash_oracle.py), never the be
 import pytest
 
 from testbench.inputs.images import load_images
+from testbench.inputs.zimage import read_zimage
 
 KDUMP = {"mode": "kdump", "crashkernel": "64M"}
 OLD_RAM = [[0x40000000, 0x68000000], [0x6C000000, 0x80000000]]  # virt 1 GiB minus the reservation
@@ -84,3 +85,28 @@ def test_bullseyes_loader_gives_the_crash_kernel_only_its_own_words(run_kexec_ca
     assert result.verdict.verdict == "fail"
     assert result.stage2["cmdline"].split() == ["elfcorehdr=0x6bf00000", "mem=64512K"]
     assert any("kexec-tools 2.0.17-2.0.20 take no --command-line" in r for r in result.verdict.reasons)
+
+
+def test_advised_crashkernel_size_is_the_smallest_that_reaches_init(images, run_kexec_case):
+    """advise --crash with the crash kernel's memory (oracle/crash_memory.py, the boot allocations measured
+    with a 1 MiB payload) for an 8 MiB payload, a size it was not fitted to: QEMU must reach init at the
+    advised size and fail 1 MiB below it (out of memory: the layout alone would take 46 MiB less)."""
+    from testbench.crash_cli import crash_advise
+    from testbench.crash_measure import crash_runtime
+    from testbench.inputs.initramfs import cached_stage2_initrd
+
+    initrd = cached_stage2_initrd(images, 8 << 20, 1).path
+    runtime = crash_runtime("debian", images.zimage, "virt", initrd, None, None)
+    assert runtime.boot is not None, "data/crash-memory.toml has no measurement for this zImage on virt"
+    zi = read_zimage(images.zimage)
+    ram = (0x40000000, 0x80000000)
+    advice = crash_advise(zi, ram, 0x48000000, "2.0.25", "6.1", initrd.stat().st_size, 0x101000, runtime)
+    size = advice.size >> 20
+    assert size > advice.layout_size >> 20  # the memory rules, not the layout, decide here
+    # a stage-1 snapshot per crashkernel= value would only fill the cache: both boot
+    case = {"kexec_args": (f"--image-size={advice.image_size:#x}",), "initrd_size": 8 << 20, "snapshot": False}
+    ok = run_kexec_case("virt", case="advised", mode="kdump", crashkernel=f"{size}M", **case)
+    assert ok.verdict.verdict == "pass", (size, ok.verdict.reasons)
+    short = run_kexec_case("virt", case="short", mode="kdump", crashkernel=f"{size - 1}M", **case)
+    assert short.verdict.verdict == "fail", (size - 1, short.verdict.reasons)
+    assert "memory" in " ".join(short.verdict.reasons) or "write error" in " ".join(short.verdict.reasons)
