@@ -133,6 +133,7 @@ def measure(
     zimage_sha256: str,
     machine: str,
     say: Callable[[str], None],
+    what: str = "",
 ) -> Measurement:
     """Walk whole-MiB sizes from `start_mib` (never below `floor_mib`, the layout's) to the smallest passing
     one with a failing neighbour below it. `run_at(n)` runs a kdump case at crashkernel=nM, `inputs_at(n)`
@@ -172,7 +173,7 @@ def measure(
         reserved_kib=own >> 10,
         passed_mem_kib=smallest.mem_kib,
         failed_mem_kib=below.mem_kib if below is not None else None,
-        source=f"measured {time.strftime('%Y-%m-%d')} by testbench advise --crash --measure",
+        source=f"measured {time.strftime('%Y-%m-%d')} by testbench advise --crash --measure{what}",
     )
     return Measurement(tuple(sorted(probes.values(), key=lambda p: p.size_mib)), smallest, fact, "")
 
@@ -277,7 +278,7 @@ def run_measurement(args, zimage, ram: tuple[int, int], start: int, dtb: int | N
 
     m = measure(
         run_at, lambda n: inputs, advice.size >> 20, advice.layout_size >> 20, sha256_file(path), args.machine,
-        lambda s: print(f"  {s}", flush=True),
+        lambda s: print(f"  {s}", flush=True), f", {payload >> 10}K payload",
     )  # fmt: skip
     print(f"\n{'crashkernel':>12}{'mem':>10}{'available':>11}  verdict")
     for p in m.probes:

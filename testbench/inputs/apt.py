@@ -178,7 +178,9 @@ class PrivateApt:
         fatal = [e for e in errors if e not in pockets and "Some index files failed to download" not in e]
         if not self.has_lists() or (done.returncode != 0 and (fatal or not pockets)):
             raise BenchError(f"apt-get update ({self.suite}, private apt) failed: {' | '.join(errors[:3])}")
-        return [f"{self.suite}: {_pocket_url(e)} is not served; skipped" for e in pockets]
+        # the pocket's name, not apt's URL: which mirror serves the machine is its configuration
+        names = dict.fromkeys(_pocket(self.suite, e) for e in pockets)
+        return [f"{self.suite}: the mirror does not serve {name}; skipped" for name in names]
 
     def has_lists(self) -> bool:
         return any((self.dir / "lists").glob(f"*_dists_{self.suite}_main_binary-{ARCH}_Packages*"))
@@ -199,8 +201,9 @@ class PrivateApt:
         return found[0]
 
 
-def _pocket_url(error: str) -> str:
-    return error.split("Failed to fetch ", 1)[-1].split()[0]
+def _pocket(suite: str, error: str) -> str:
+    match = re.search(rf"\b{re.escape(suite)}-(security|updates)\b", error)
+    return match.group(0) if match else suite
 
 
 def _errors(stderr: str) -> list[str]:
