@@ -280,6 +280,9 @@ def print_crash_advice(a: CrashAdvice, as_json: bool, fixed_base: bool = True) -
     if a.judged.outside or a.judged.fatal:
         print(f"advice: no crashkernel= size at {a.region_start:#x} keeps this crash kernel whole (see above)")
         return 1
+    if a.runtime is not None and a.memory is None:
+        print(f"advice: no crashkernel= size at {a.region_start:#x} within RAM leaves the crash kernel enough memory")
+        return 1
     args = f" and kexec -p --image-size={a.image_size:#x}" if a.image_size else ""
     where = f"@{a.region_start:#x}" if fixed_base else " (the kernel puts it on a 128 MiB boundary)"
     print(f"advice: crashkernel={a.size >> 20}M{where}{args}")

@@ -263,7 +263,8 @@ def run_measurement(args, zimage, ram: tuple[int, int], start: int, dtb: int | N
         f"{args.kernel} on {args.machine}: the bench's initrd with a {payload >> 10}K payload "
         f"({built.path.stat().st_size} bytes, files {runtime.files >> 10}K); {placement}"
     )
-    print(f"the model says {advice.size >> 20}M (layout {advice.layout_size >> 20}M); runs go to {root}")
+    kept = f"; runs kept in {root}" if args.out else ""
+    print(f"the model says {advice.size >> 20}M (layout {advice.layout_size >> 20}M){kept}")
 
     def run_at(n: int) -> Probe:
         where = f"@{start:#x}" if fixed_base else ""
@@ -280,6 +281,8 @@ def run_measurement(args, zimage, ram: tuple[int, int], start: int, dtb: int | N
         run_at, lambda n: inputs, advice.size >> 20, advice.layout_size >> 20, sha256_file(path), args.machine,
         lambda s: print(f"  {s}", flush=True), f", {payload >> 10}K payload",
     )  # fmt: skip
+    if args.out is None:
+        shutil.rmtree(root, ignore_errors=True)  # each run's dir went with it; keep them with --out
     print(f"\n{'crashkernel':>12}{'mem':>10}{'available':>11}  verdict")
     for p in m.probes:
         mem = f"{p.mem_kib}K" if p.mem_kib else "-"

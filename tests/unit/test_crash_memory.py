@@ -125,3 +125,50 @@ def test_file_sizes_reads_a_compressed_and_a_raw_archive_back_to_back():
 def test_file_sizes_refuses_what_python_cannot_unpack():
     with pytest.raises(ValueError, match="zstd"):
         file_sizes(b"\x28\xb5\x2f\xfd" + b"\0" * 20)
+
+
+# The 1 MiB payload's runs on virt (RUNS above): size -> (verdict, the crash kernel's mem= and available KiB)
+VIRT_1M = {31: ("fail", 30720, 7860), 32: ("fail", 31744, 8884), 33: ("fail", 32768, 9908),
+           34: ("fail", 33792, 10836), 35: ("fail", 34816, 11860), 36: ("pass", 35840, 12884),
+           37: ("pass", 36864, 13908), 44: ("pass", 44032, 21004)}  # fmt: skip
+
+
+def walk(start: int, floor: int = 31):
+    from testbench.crash_measure import Probe, measure
+
+    ran = []
+
+    def run_at(n: int) -> Probe:
+        ran.append(n)
+        verdict, mem, available = VIRT_1M[n]
+        return Probe(n, verdict, "init" if verdict == "pass" else "kernel", "", mem, available, 1.0)
+
+    run = inputs(0x68000000, MIB, (0x69AF2000, 0x1D82F8), 0x69CCB000, None)
+    return measure(run_at, lambda n: run, start, floor, "41ae0a8f", "virt", lambda s: None), ran
+
+
+@pytest.mark.parametrize(
+    ("start", "expected_runs"), [(31, [31, 32, 33, 34, 35, 36]), (37, [37, 36, 35]), (36, [36, 35])]
+)
+def test_a_measurement_walks_to_the_smallest_pass_with_a_failure_below(start, expected_runs):
+    m, ran = walk(start)
+    assert ran == expected_runs
+    assert m.smallest is not None and m.smallest.size_mib == 36
+    assert m.fact is not None and (m.fact.boot_kib, m.fact.passed_mem_kib, m.fact.failed_mem_kib) == (
+        12884 - 2284,
+        35840,
+        34816,
+    )
+
+
+def test_a_later_measurement_keeps_the_tighter_bound():
+    from dataclasses import replace
+
+    from testbench.crash_measure import tightest
+
+    m, _ = walk(36)
+    assert m.fact is not None
+    looser = replace(m.fact, boot_kib=m.fact.boot_kib + 100, source="earlier")
+    assert tightest(looser, m.fact).boot_kib == m.fact.boot_kib
+    assert tightest(m.fact, looser).boot_kib == m.fact.boot_kib
+    assert "earlier" in tightest(looser, m.fact).source
