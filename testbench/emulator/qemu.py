@@ -244,12 +244,19 @@ class QemuProcess:
             if time.monotonic() > deadline:
                 raise BenchError(f"QEMU did not create its sockets within {budget('qemu_start'):.0f}s")
             time.sleep(0.02)
-        self.qmp = QEMUMonitorProtocol(str(self.sockets.qmp))
-        try:
-            self.qmp.connect()
-        except Exception as err:  # QEMU died while starting (a bad -device, overlapping ROMs): say why
-            self.proc.wait(timeout=5)
-            raise BenchError(f"QEMU exited at start ({type(err).__name__}): {self.stderr_tail()}") from None
+        err = self._connect_qmp()
+        if err is not None and self.proc.poll() is None:
+            # Alive, so not a failed start: a greeting QEMU garbled once under load (seen in CI while a
+            # snapshot was restoring). QMP takes a new client after the first hangs up: one more try.
+            err = self._connect_qmp()
+        if err is not None:  # QEMU died while starting (a bad -device, overlapping ROMs): say why
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+                raise BenchError(f"QEMU's QMP did not answer twice ({err}): QEMU stopped")
+            raise BenchError(f"QEMU exited at start ({type(err).__name__}): {self.stderr_tail()}")
         # Without a writable share the guest sends its files back over the console (share.py), into the share.
         back = None if self.spec.share is None or share_kind(self.spec.share_transport).writable else self.spec.share
         self.console = Console(
@@ -260,6 +267,17 @@ class QemuProcess:
             self.spec.machine.halt_lines,
             self._halted,
         )
+
+    def _connect_qmp(self) -> Exception | None:
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                self.qmp.close()
+        self.qmp = QEMUMonitorProtocol(str(self.sockets.qmp))
+        try:
+            self.qmp.connect()
+        except Exception as err:  # the library's errors have no common base worth naming
+            return err
+        return None
 
     def _halted(self) -> None:
         """The guest halted for good on a board QEMU keeps running then (console reader thread): end QEMU."""
