@@ -80,7 +80,7 @@ def store_boot_memory(fact: BootMemory, path: Path | None = None) -> BootMemory:
     path = path or user_facts_path()
     key = _key(fact.zimage_sha256, fact.machine)
     known = _read(path)
-    fact = tightest(known.get(key) or boot_memory_in(data_path(FACTS_FILE), key), fact)
+    fact = tightest(known.get(key) or _read(data_path(FACTS_FILE)).get(key), fact)
     merged = known | {key: fact}
     lines = [
         "# The crash kernel's boot memory per zImage (sha256) and board, measured by",
@@ -92,10 +92,6 @@ def store_boot_memory(fact: BootMemory, path: Path | None = None) -> BootMemory:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, ("\n".join(lines) + "\n").encode())
     return fact
-
-
-def boot_memory_in(path: Path, key: str) -> BootMemory | None:
-    return _read(path).get(key)
 
 
 @dataclass(frozen=True)
@@ -127,7 +123,7 @@ class Measurement:
 
 def measure(
     run_at: Callable[[int], Probe],
-    inputs_at: Callable[[int], CrashMemoryInputs],
+    inputs: CrashMemoryInputs,
     start_mib: int,
     floor_mib: int,
     zimage_sha256: str,
@@ -136,8 +132,8 @@ def measure(
     what: str = "",
 ) -> Measurement:
     """Walk whole-MiB sizes from `start_mib` (never below `floor_mib`, the layout's) to the smallest passing
-    one with a failing neighbour below it. `run_at(n)` runs a kdump case at crashkernel=nM, `inputs_at(n)`
-    gives the memory model's inputs for that size (their placement)."""
+    one with a failing neighbour below it. `run_at(n)` runs a kdump case at crashkernel=nM; `inputs` is the
+    memory model's view of the placement, the same at every size (only the ELF core header moves)."""
     probes: dict[int, Probe] = {}
 
     def probe(n: int) -> Probe:
@@ -164,7 +160,7 @@ def measure(
     smallest = probes[n]
     if smallest.mem_kib is None or smallest.available_kib is None:
         return Measurement(tuple(probes.values()), smallest, None, "the crash kernel printed no Memory: line")
-    own, boot = measured_facts(inputs_at(n), smallest.mem_kib << 10, smallest.available_kib << 10)
+    own, boot = measured_facts(inputs, smallest.mem_kib << 10, smallest.available_kib << 10)
     below = probes.get(n - 1)
     fact = BootMemory(
         zimage_sha256=zimage_sha256,
@@ -183,18 +179,17 @@ def probe_from_result(size_mib: int, result, out: Path, seconds: float, keep: bo
     console = (out / "console.log").read_text(errors="replace") if (out / "console.log").is_file() else ""
     line = crash_memory_line(console)
     reasons = result.verdict.reasons
-    probe = Probe(
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
+    return Probe(
         size_mib,
         result.verdict.verdict,
         result.verdict.phase,
-        reasons[0] if reasons else "",
+        reasons[0][:160] if reasons else "",
         line[1] if line else None,
         line[0] if line else None,
         seconds,
     )
-    if not keep:
-        shutil.rmtree(out, ignore_errors=True)
-    return replace(probe, reason=probe.reason[:160])
 
 
 def crash_runtime(
@@ -278,7 +273,7 @@ def run_measurement(args, zimage, ram: tuple[int, int], start: int, dtb: int | N
         return probe_from_result(n, result, out, time.monotonic() - t0, keep=args.out is not None)
 
     m = measure(
-        run_at, lambda n: inputs, advice.size >> 20, advice.layout_size >> 20, sha256_file(path), args.machine,
+        run_at, inputs, advice.size >> 20, advice.layout_size >> 20, sha256_file(path), args.machine,
         lambda s: print(f"  {s}", flush=True), f", {payload >> 10}K payload",
     )  # fmt: skip
     if args.out is None:

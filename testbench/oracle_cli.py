@@ -267,7 +267,7 @@ def cmd_advise(args: argparse.Namespace) -> int:
     if initrd_file is not None:
         initrd = initrd_file.stat().st_size
     if args.crash:  # the smallest crashkernel= reservation (crash_cli.py)
-        return _crash_advice(args, zi, ram[0], initrd, dtb or None)
+        return _crash_advice(args, zi, ram[0], initrd, initrd_file, dtb or None)
     a = advise(
         zi,
         ram,
@@ -314,7 +314,9 @@ def _initrd_file(args: argparse.Namespace) -> Path | None:
     return path
 
 
-def _crash_advice(args: argparse.Namespace, zi, ram: tuple[int, int], initrd: int | None, dtb: int | None) -> int:
+def _crash_advice(
+    args: argparse.Namespace, zi, ram: tuple[int, int], initrd: int | None, initrd_file: Path | None, dtb: int | None
+) -> int:
     from .crash_cli import ALIGNED_BASE, crash_advise, print_crash_advice
 
     start = _int(args.crash_base, "--crash-base")
@@ -330,7 +332,7 @@ def _crash_advice(args: argparse.Namespace, zi, ram: tuple[int, int], initrd: in
     from .inputs.images import kernel_path
 
     cma = parse_size(args.cma, "--cma") if args.cma else None
-    runtime = crash_runtime(args.kernel, kernel_path(args.kernel), args.machine, _initrd_file(args), initrd, cma)
+    runtime = crash_runtime(args.kernel, kernel_path(args.kernel), args.machine, initrd_file, initrd, cma)
     version = args.kernel_version or "6.1"
     a = crash_advise(zi, ram, start, args.kexec_version, version, initrd, dtb, runtime)
     if not args.kernel_version and not args.json:

@@ -168,7 +168,7 @@ class PrivateApt:
         longer serves for armhf (bullseye-security after its LTS ended), which is not an error."""
         done = self._run("apt-get", ["update", "-q"], UPDATE_TIMEOUT, check=False)
         errors = _errors(done.stderr)
-        pockets = [e for e in errors if re.search(rf"\b{re.escape(self.suite)}-(security|updates)\b", e)]
+        pockets = [e for e in errors if _pocket(self.suite, e)]
         no_release = [e for e in errors if "does not have a Release file" in e and e not in pockets]
         if no_release or (done.returncode == 0 and not self.has_lists()):
             raise UserError(
@@ -179,7 +179,7 @@ class PrivateApt:
         if not self.has_lists() or (done.returncode != 0 and (fatal or not pockets)):
             raise BenchError(f"apt-get update ({self.suite}, private apt) failed: {' | '.join(errors[:3])}")
         # the pocket's name, not apt's URL: which mirror serves the machine is its configuration
-        names = dict.fromkeys(_pocket(self.suite, e) for e in pockets)
+        names = dict.fromkeys(_pocket(self.suite, e) for e in pockets)  # each a name: the filter above
         return [f"{self.suite}: the mirror does not serve {name}; skipped" for name in names]
 
     def has_lists(self) -> bool:
@@ -201,9 +201,10 @@ class PrivateApt:
         return found[0]
 
 
-def _pocket(suite: str, error: str) -> str:
+def _pocket(suite: str, error: str) -> str | None:
+    """The update pocket (SUITE-security, SUITE-updates) an apt error line is about, if any."""
     match = re.search(rf"\b{re.escape(suite)}-(security|updates)\b", error)
-    return match.group(0) if match else suite
+    return match.group(0) if match else None
 
 
 def _errors(stderr: str) -> list[str]:

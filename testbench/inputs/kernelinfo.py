@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .images import Images
+from .images import Images, debian_suite, load_images
 from .zimage import read_zimage
 
 # arch/arm/Makefile (5.10..6.12): the first of these that is enabled sets TEXT_OFFSET; otherwise 0x8000
@@ -112,7 +112,5 @@ def cma_area(config: dict[str, str]) -> tuple[int, int]:
 
 def debian_cma(kernel: str | None) -> tuple[int, int] | None:
     """The CMA area in the package config of `debian`/`debian:SUITE` (the cached zImage); None otherwise."""
-    from .images import debian_suite, load_images
-
     is_debian, suite = debian_suite(kernel)
     return cma_area(read_config(load_images(suite))) if is_debian else None

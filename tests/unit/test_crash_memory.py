@@ -144,7 +144,7 @@ def walk(start: int, floor: int = 31):
         return Probe(n, verdict, "init" if verdict == "pass" else "kernel", "", mem, available, 1.0)
 
     run = inputs(0x68000000, MIB, (0x69AF2000, 0x1D82F8), 0x69CCB000, None)
-    return measure(run_at, lambda n: run, start, floor, "41ae0a8f", "virt", lambda s: None), ran
+    return measure(run_at, run, start, floor, "41ae0a8f", "virt", lambda s: None), ran
 
 
 @pytest.mark.parametrize(
